@@ -1,0 +1,1 @@
+"""Training: data, the jit-compiled loop, checkpoints and the deltajax-train CLI."""
