@@ -65,6 +65,9 @@ def _run(q, k, v, beta, g, dims: checks.Dims, *, scale, initial_state, output_fi
     else:
       from deltajax.kernels import pallas_chunk  # pylint: disable=g-import-not-at-top
       o, final = pallas_chunk(q, k, v, beta, g, h0, layout)
+  if cu_seqlens is not None:
+    empty = jnp.diff(jnp.asarray(cu_seqlens)) == 0
+    final = jnp.where(empty[:, None, None, None], h0, final)
   return o.astype(out_dtype), (final if output_final_state else None)
 
 
@@ -80,7 +83,9 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
     initial_state: [B, HV, K, V] ([N, HV, K, V] with cu_seqlens), any float dtype.
     output_final_state: also return the final state, float32.
     cu_seqlens: [N + 1] int32 boundaries of packed sequences (B must be 1); states reset at
-      each boundary. Its values are checked when it is concrete.
+      each boundary. Non-decreasing: an empty sequence passes its initial state through, so a
+      fixed-size cu_seqlens can describe a varying number of documents under jit. Its values
+      are checked when it is concrete.
     use_qk_l2norm: normalise q and k over K (in float32) before use.
     chunk_size: chunk length of the chunkwise paths, a power of two >= 16.
     impl: "auto", "recurrent", "chunk" or "pallas".
