@@ -134,7 +134,7 @@ def _states(p: Prepared, h0, start, seq, precision):
     S = jnp.where(st[:, None, None, None], h0[sq], S)
     S = _step(S, pc, precision)
     return S, S
-  B, HV, _, K = p.Qg.shape[:4]
+  B, HV, K = *p.Qg.shape[:2], p.Qg.shape[-1]
   S0 = jnp.zeros((B, HV, K, h0.shape[-1]), jnp.float32)
   xs = (jax.tree.map(_chunk_axis_first, p), start.T, seq.T)
   _, S_out = lax.scan(body, S0, xs)
