@@ -1,0 +1,35 @@
+"""Shared pieces of every layer: dtypes, logically-partitioned initialisers, projections.
+
+Logical axis names used on parameters (map them to mesh axes with `nn.logical_axis_rules`):
+  "embed"  model width D          "heads"  flattened head features (H * K, HV * V, ...)
+  "kv"     per-head feature dim   "mlp"    MLP hidden width           "vocab"  vocabulary
+  "conv"   short-conv taps (never sharded in practice)
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def as_dtype(dtype) -> Any:
+  """Accepts a jnp dtype or its name ("float32", "bfloat16")."""
+  return jnp.dtype(dtype)
+
+
+def partitioned(init, axes: Sequence[str | None]):
+  """An initialiser whose parameter carries logical axis names (so training can shard it)."""
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def dense(features: int, axes: tuple[str | None, str | None], *, name: str, dtype, param_dtype,
+          use_bias: bool = False, kernel_init=default_kernel_init) -> nn.Dense:
+  """A Dense layer whose kernel ([in, out]) and bias ([out]) carry logical axis names."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=partitioned(kernel_init, axes),
+                  bias_init=partitioned(nn.initializers.zeros_init(), (axes[1],)))

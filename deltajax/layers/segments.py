@@ -1,0 +1,73 @@
+"""Packed batches: segment ids [B, T] int32 (0 = padding) -> document starts, positions, cu_seqlens.
+
+A new document starts at t = 0 and wherever the id changes, so padding runs are documents of
+their own (their outputs are garbage by design and never reach real tokens). Everything here
+is jit-friendly: the number of documents only enters through a static upper bound.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+
+def check_segment_ids(segment_ids, B: int, T: int) -> None:
+  """ValueError unless segment_ids is an integer [B, T] array."""
+  shape = tuple(np.shape(segment_ids))
+  if shape != (B, T):
+    raise ValueError(f"segment_ids must have shape [B, T] = {(B, T)}; got {shape}.")
+  if not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
+    raise ValueError(f"segment_ids must be an integer array; got dtype "
+                     f"{jnp.result_type(segment_ids)}.")
+
+
+def starts(segment_ids: jax.Array) -> jax.Array:
+  """[B, T] bool: token t begins a document."""
+  prev = jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+  return (segment_ids != prev) | (jnp.arange(segment_ids.shape[1]) == 0)
+
+
+def positions(segment_ids: jax.Array) -> jax.Array:
+  """[B, T] int32: position of each token inside its document (for RoPE)."""
+  t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+  first = lax.cummax(jnp.where(starts(segment_ids), t, 0), axis=1)
+  return t - first
+
+
+def same_segment_shifted(segment_ids: jax.Array, shift: int) -> jax.Array:
+  """[B, T] bool: token t - shift exists and belongs to the same document as token t."""
+  if shift == 0:
+    return jnp.ones(segment_ids.shape, bool)
+  prev = jnp.pad(segment_ids, ((0, 0), (shift, 0)), constant_values=-1)[:, :-shift]
+  # The pad value -1 never equals a real id, but ids could be negative: compare positions too.
+  return (prev == segment_ids) & (positions(segment_ids) >= shift)
+
+
+def count(segment_ids) -> int:
+  """Largest number of documents in one row (host-side; needs concrete ids)."""
+  return int(np.max(np.sum(np.asarray(starts(jnp.asarray(segment_ids))), axis=1)))
+
+
+def cu_seqlens_rows(segment_ids: jax.Array, max_segments: int | None = None) -> jax.Array:
+  """[B, S + 1] int32 per-row document boundaries, padded with T (empty documents).
+
+  S = max_segments (default T, always enough). A smaller bound makes the chunked ops cheaper
+  (their static chunk count is T / C + S - 1); when the ids are concrete it is checked.
+  """
+  B, T = segment_ids.shape
+  S = T if max_segments is None else int(max_segments)
+  if S < 1:
+    raise ValueError(f"max_segments must be >= 1; got {max_segments}.")
+  if not isinstance(segment_ids, jax.core.Tracer) and max_segments is not None:
+    n = count(segment_ids)
+    if n > S:
+      raise ValueError(f"max_segments={S} is smaller than the number of documents in a row of "
+                       f"segment_ids ({n}); raise max_segments.")
+  t = jnp.arange(T, dtype=jnp.int32)
+  idx = jnp.sort(jnp.where(starts(segment_ids), t, T), axis=1)
+  if S <= T:
+    idx = idx[:, :S]
+  else:
+    idx = jnp.pad(idx, ((0, 0), (0, S - T)), constant_values=T)
+  return jnp.concatenate([idx, jnp.full((B, 1), T, jnp.int32)], axis=1).astype(jnp.int32)
