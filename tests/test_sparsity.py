@@ -312,3 +312,19 @@ def test_bad_delta_input_and_schedule():
     S.prosparse_l1_schedule([0.1, 0.2], [10])
   with pytest.raises(ValueError, match="stage_steps must be an int >= 1; got 0"):
     S.prosparse_l1_schedule([0.1], [0])
+
+
+# ----------------------------------------------------------------------------- video demo
+
+
+def test_video_demo_data_and_delta_inference():
+  from deltajax.sparsity import video
+  a, la = video.make_videos(6, seed=3)
+  b, lb = video.make_videos(6, seed=3)
+  assert a.shape == (6, 8, 16, 16, 1) and a.dtype == np.float32
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(la, lb)
+  assert set(la.tolist()) <= set(range(len(video.SHAPES)))
+  net = video.VideoNet(video.NetConfig(delta=S.DeltaConfig(step_init=0.25)))
+  params = jax.jit(net.init)(jax.random.PRNGKey(0), a[:1])["params"]
+  assert video.delta_inference_error(net, params, a[:2]) < 1e-5
