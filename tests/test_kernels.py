@@ -1,0 +1,148 @@
+"""impl="pallas" (deltajax.kernels) against the recurrent reference, in Pallas interpret mode.
+
+Every op goes through `check_against_reference` (outputs, final states and the gradient of every
+input). Shapes straddle the chunk (chunk_size 16 or 32 keeps the interpreter cheap); the
+kernel-level tests compare with the pure-JAX chunk form on the same chunked inputs.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import TOL, assert_close, make_inputs, rel_rms
+from oracle import check_against_reference
+from deltajax.kernels import KernelConfig, config_for, pallas_chunk
+from deltajax.kernels.delta_chunk import calls, maths, reference
+from deltajax.ops.chunk import chunk
+from deltajax.ops.layout import make_layout
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+@pytest.mark.parametrize("op, shape, kw", [
+    ("delta_rule", dict(T=37), dict(chunk_size=16)),
+    ("delta_rule", dict(T=1, B=1), dict(chunk_size=16)),
+    ("gated_delta_rule", dict(T=130, H=1, HV=2), dict(chunk_size=16, use_qk_l2norm=True)),
+    ("kda", dict(T=64, B=1), dict(chunk_size=32)),
+    ("delta_product", dict(T=37, B=1), dict(chunk_size=16)),
+])
+def test_matches_reference(op, shape, kw):
+  check_against_reference(op, "pallas", kw=kw, **shape)
+
+
+@pytest.mark.parametrize("op", ["gated_delta_rule", "kda"])
+def test_packed_sequences(op):
+  # Four documents, one of them empty, packed in one row of 70 tokens.
+  cu = (0, 5, 5, 40, 70)
+  check_against_reference(op, "pallas", kw=dict(chunk_size=16, cu_seqlens=cu),
+                          B=1, T=70, N=4, H=1, HV=2)
+
+
+def test_bfloat16_inputs():
+  check_against_reference("kda", "pallas", jnp.bfloat16, kw=dict(chunk_size=16), T=37, B=1)
+
+
+@pytest.mark.parametrize("op", ["gated_delta_rule", "kda"])
+def test_strong_gates_stay_finite(op):
+  # g around -20 per token: exp(+G) would overflow float32 within a few tokens.
+  check_against_reference(op, "pallas", kw=dict(chunk_size=32), T=64, B=1, gate_scale=20.0)
+
+
+def _chunked_inputs(gate, *, B=1, T=50, HV=2, K=16, V=8, seed=3):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 7)
+  q = jax.random.normal(ks[0], (B, T, HV, K)) * K ** -0.5
+  k = jax.random.normal(ks[1], (B, T, HV, K))
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  v = jax.random.normal(ks[2], (B, T, HV, V))
+  beta = jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, HV)))
+  g = {None: None,
+       "head": -jax.nn.softplus(jax.random.normal(ks[4], (B, T, HV))),
+       "channel": -jax.nn.softplus(jax.random.normal(ks[5], (B, T, HV, K)))}[gate]
+  return q, k, v, beta, g
+
+
+@pytest.mark.parametrize("gate", ["head", "channel"])
+def test_loop_mode_matches_chunk_form(gate):
+  """The GPU structure (chunk loop inside the program) on packed sequences, values and vjp."""
+  q, k, v, beta, g = _chunked_inputs(gate)
+  cu = jnp.array([0, 20, 50], jnp.int32)
+  layout = make_layout(1, 50, 16, cu)
+  h0 = jax.random.normal(jax.random.PRNGKey(9), (2, 2, 16, 8))
+  cfg = KernelConfig(sequential="loop", sub_block=8)
+  ours = jax.jit(lambda *a: pallas_chunk(*a, layout, cfg))
+  ref = jax.jit(lambda *a: chunk(*a, layout, _HI))
+  args = (q, k, v, beta, g, h0)
+  out, vjp = jax.vjp(ours, *args)
+  out_r, vjp_r = jax.vjp(ref, *args)
+  cts = tuple(jax.random.normal(jax.random.PRNGKey(i), x.shape) for i, x in enumerate(out))
+  for name, a, b in zip(("o", "final", "dq", "dk", "dv", "dbeta", "dg", "dh0"),
+                        (*out, *vjp(cts)), (*out_r, *vjp_r(cts))):
+    assert_close(a, b, TOL[jnp.float32], f"loop mode {gate} {name}")
+
+
+def _neumann_inverse(A):
+  """(I + A)^-1 as (I - A)(I + A^2)(I + A^4)...: the product the kernels must not use."""
+  C = A.shape[-1]
+  P, N = jnp.eye(C) - A, A @ A
+  for _ in range(int(np.log2(C)) - 1):
+    P, N = P @ (jnp.eye(C) + N), N @ N
+  return P
+
+
+def test_inverse_on_repeated_tokens():
+  """Nearly parallel keys (one token repeated, beta up to 2): the kernels' W and U stay exact."""
+  B, HV, nc, C, K, V = 1, 1, 2, 64, 16, 8
+  ks = jax.random.split(jax.random.PRNGKey(0), 4)
+  base = jax.random.normal(ks[0], (K,))
+  k = base + 1e-3 * jax.random.normal(ks[1], (B, HV, nc, C, K))
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  beta = jnp.stack([jnp.full((C,), 1.0), jnp.full((C,), 1.9)])[None, None]  # [1, 1, 2, C]
+  v = jax.random.normal(ks[2], (B, HV, nc, C, V))
+  q = jax.random.normal(ks[3], (B, HV, nc, C, K))
+  cfg = KernelConfig()
+  Qg, Kd, W, U, D, Attn = jax.jit(lambda *a: calls.prepare(cfg, *a, None, ()))(
+      q, k, v, beta[..., None])
+  p = reference.prepare(q, k, v, beta, None, precision=_HI)
+  for name, a, b in (("W", W, p.W), ("U", U, p.U), ("Attn", Attn, p.Attn)):
+    assert_close(a, b, 1e-5, f"repeated tokens {name}")
+  # The same inputs break the Neumann product (so this test can tell the two apart).
+  A = beta[..., None] * jnp.tril(jnp.einsum("...ik,...jk->...ij", k, k, precision=_HI), -1)
+  neumann_U = jnp.einsum("...ij,...jv->...iv", _neumann_inverse(A), beta[..., None] * v,
+                         precision=_HI)
+  bad = np.asarray(neumann_U)
+  assert not np.all(np.isfinite(bad)) or rel_rms(bad, p.U) > 1e-2
+
+
+def test_unit_lower_inverse_is_exact_inverse():
+  C = 32
+  A = jnp.tril(jax.random.normal(jax.random.PRNGKey(1), (C, C)), -1) * 0.5
+  P = maths.unit_lower_inverse(A)
+  assert_close(P @ (jnp.eye(C) + A), jnp.eye(C), 1e-5, "P (I + A)")
+
+
+def test_config_defaults_per_platform():
+  assert config_for("tpu") == KernelConfig(backend="tpu", interpret=False, sequential="grid")
+  assert config_for("gpu").sequential == "loop" and not config_for("gpu").interpret
+  assert config_for("cpu").interpret
+  tpu = config_for("tpu").compiler_params(("parallel", "parallel", "arbitrary"))
+  assert tuple(tpu.dimension_semantics) == ("parallel", "parallel", "arbitrary")
+  assert config_for("gpu").compiler_params(("parallel",)).num_warps == 4
+  assert config_for("cpu").compiler_params(("parallel",)) is None
+
+
+@pytest.mark.parametrize("field, value", [("backend", "npu"), ("sequential", "scan"),
+                                          ("sub_block", 12)])
+def test_config_rejects_bad_values(field, value):
+  with pytest.raises(ValueError, match=f"KernelConfig.{field}"):
+    KernelConfig(**{field: value})
+
+
+def test_gpu_needs_power_of_two_dims():
+  q, k, v, beta, g = _chunked_inputs(None, K=24)
+  layout = make_layout(1, 50, 16)
+  h0 = jnp.zeros((1, 2, 24, 8))
+  cfg = KernelConfig(backend="gpu", interpret=False, sequential="loop")
+  with pytest.raises(ValueError, match="power of two; got 24. Use impl='chunk'"):
+    pallas_chunk(q, k, v, beta, g, h0, layout, cfg)
