@@ -146,8 +146,10 @@ class DeltaMixerBase(nn.Module):
     if segment_ids is not None and cache is not None:
       raise ValueError("segment_ids and cache cannot be combined: packed batches are for "
                        "training, the cache is for decoding one stream per row.")
+    cu = None
     if segment_ids is not None:
       segments.check_segment_ids(segment_ids, B, T)
+      cu = segments.cu_seqlens_rows(segment_ids, self.max_segments)  # checks the bound early
     x = x.astype(self.dtype)
 
     feats = self._features(d)
@@ -175,8 +177,6 @@ class DeltaMixerBase(nn.Module):
       state = None if cache is None else cache["state"]
       o, final = self.recurrence(q, k, v, beta, g, initial_state=state, cu_seqlens=None)
     else:
-      cu = segments.cu_seqlens_rows(segment_ids, self.max_segments)
-
       def row(q, k, v, beta, g, cu):
         one = lambda t: None if t is None else t[None]
         o, _ = self.recurrence(one(q), one(k), one(v), one(beta), one(g),
