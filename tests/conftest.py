@@ -12,8 +12,8 @@ TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 1e-2}
 
 def rel_rms(a, b) -> float:
   """rms(a - b) / rms(b), in float64 on the host."""
-  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  a = np.asarray(a).astype(np.float64)
+  b = np.asarray(b).astype(np.float64)
   return float(np.sqrt(np.mean((a - b) ** 2)) / max(np.sqrt(np.mean(b ** 2)), 1e-30))
 
 

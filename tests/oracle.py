@@ -1,8 +1,10 @@
 """One check that every implementation runs against the recurrent reference.
 
 `check_against_reference` compares outputs, final states and the gradients of every input
-(`jax.vjp` with random cotangents) at the DESIGN.md tolerance for the input dtype. The ops tests
-run it for impl="chunk" and the kernel tests for impl="pallas".
+(`jax.vjp` with random cotangents) at the DESIGN.md tolerance for the input dtype. The reference
+runs in float64 on the same (upcast) inputs, so the tolerance measures the path under test, not
+the reference's own rounding. The ops tests run it for impl="chunk" and the kernel tests for
+impl="pallas".
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from conftest import TOL, assert_close, make_inputs
 
@@ -26,8 +29,9 @@ def _vjp_all(fn, args, h0, seed=1):
   """Outputs and the gradients of (args..., h0) of a random linear read-out of (o, final)."""
   (o, s), vjp = jax.vjp(fn, args, h0)
   ko, ks = jax.random.split(jax.random.PRNGKey(seed))
-  cto = jax.random.normal(ko, o.shape).astype(o.dtype)
-  cts = jax.random.normal(ks, s.shape)
+  # Drawn in float32 whatever the dtypes, so the float64 reference sees the same cotangents.
+  cto = jax.random.normal(ko, o.shape, jnp.float32).astype(o.dtype)
+  cts = jax.random.normal(ks, s.shape, jnp.float32).astype(s.dtype)
   d_args, d_h0 = vjp((cto, cts))
   return o, s, (*d_args, d_h0)
 
@@ -43,12 +47,14 @@ def run_op(op: str, impl: str, args, h0, **kw):
 def _reference(op, key, kw_items):
   shape = dict(key)
   args, h0 = make_inputs(op, **shape)
-  up = tuple(a.astype(jnp.float32) for a in args)
-  return run_op(op, "recurrent", up, h0, **dict(kw_items))
+  with jax.enable_x64(True):
+    up = tuple(jnp.asarray(a, jnp.float64) for a in args)
+    out = run_op(op, "recurrent", up, jnp.asarray(h0, jnp.float64), **dict(kw_items))
+    return jax.tree.map(np.asarray, out)
 
 
 def check_against_reference(op: str, impl: str, dtype=jnp.float32, kw=None, **shape):
-  """Asserts impl == recurrent (run in float32 on the same inputs) for o, final and grads."""
+  """Asserts impl == recurrent (run in float64 on the same inputs) for o, final and grads."""
   kw = kw or {}
   args, h0 = make_inputs(op, dtype=dtype, **shape)
   o, s, grads = run_op(op, impl, args, h0, **kw)

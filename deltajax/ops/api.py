@@ -22,8 +22,8 @@ _RECURRENT_MAX_T = 16
 
 
 def l2norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """x / sqrt(sum(x^2) + eps) over the last axis, in float32."""
-  x = x.astype(jnp.float32)
+  """x / sqrt(sum(x^2) + eps) over the last axis, in float32 (or float64 for float64 x)."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
@@ -43,8 +43,11 @@ def _run(q, k, v, beta, g, dims: checks.Dims, *, scale, initial_state, output_fi
   """Shared body of every op. g: None, [B, T, HV] or [B, T, HV, K]."""
   impl = resolve_impl(impl, dims.T)
   out_dtype = q.dtype
-  f32 = lambda x: None if x is None else x.astype(jnp.float32)
-  q, k, v, beta, g = map(f32, (q, k, v, beta, g))
+  # float32 whatever the input dtype; float64 inputs (under jax_enable_x64) stay float64, which
+  # is how the tests run the reference above the precision of the paths they check.
+  compute = jnp.result_type(*[x for x in (q, k, v, beta, g) if x is not None], jnp.float32)
+  as_compute = lambda x: None if x is None else x.astype(compute)
+  q, k, v, beta, g = map(as_compute, (q, k, v, beta, g))
   if use_qk_l2norm:
     q, k = l2norm(q), l2norm(k)
   q = q * (dims.K ** -0.5 if scale is None else scale)
@@ -52,15 +55,15 @@ def _run(q, k, v, beta, g, dims: checks.Dims, *, scale, initial_state, output_fi
   if group > 1:
     q, k = jnp.repeat(q, group, axis=2), jnp.repeat(k, group, axis=2)
   if initial_state is None:
-    h0 = jnp.zeros((dims.N, dims.HV, dims.K, dims.V), jnp.float32)
+    h0 = jnp.zeros((dims.N, dims.HV, dims.K, dims.V), compute)
   else:
-    h0 = initial_state.astype(jnp.float32)
+    h0 = initial_state.astype(compute)
   if impl == "recurrent":
     o, final = recurrent(q, k, v, beta, g, h0, make_layout(dims.B, dims.T, 1, cu_seqlens))
   else:
     layout = make_layout(dims.B, dims.T, chunk_size, cu_seqlens)
     if impl == "chunk":
-      precision = lax.Precision.HIGHEST if out_dtype == jnp.float32 else None
+      precision = lax.Precision.HIGHEST if out_dtype in (jnp.float32, jnp.float64) else None
       o, final = chunk(q, k, v, beta, g, h0, layout, precision)
     else:
       from deltajax.kernels import pallas_chunk  # pylint: disable=g-import-not-at-top
@@ -165,6 +168,6 @@ def delta_product(q, k, v, beta, g=None, *, scale=None, initial_state=None,
   o, final = _run(interleave(q_steps), interleave(k), interleave(v), interleave(beta), g_steps,
                   steps, scale=scale, initial_state=initial_state,
                   output_final_state=output_final_state,
-                  cu_seqlens=None if cu_seqlens is None else cu_seqlens * n,
+                  cu_seqlens=None if cu_seqlens is None else jnp.asarray(cu_seqlens) * n,
                   use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size, impl=impl)
   return o.reshape(B, T, n, *o.shape[2:])[:, :, -1], final

@@ -65,6 +65,8 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
   Empty sequences (repeated boundaries) are allowed and pass their initial state through, so a
   batch with a varying number of documents can use a fixed-size cu_seqlens under jit.
   """
+  if isinstance(cu_seqlens, (list, tuple)):
+    cu_seqlens = np.asarray(cu_seqlens)
   shape = _shape(cu_seqlens)
   if len(shape) != 1 or shape[0] < 2:
     raise ValueError(f"cu_seqlens must be a 1-D array [N + 1] with N >= 1; got shape {shape}.")

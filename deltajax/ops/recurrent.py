@@ -54,7 +54,7 @@ def recurrent(q, k, v, beta, g, h0, layout: Layout):
     finals = finals.at[x["seq"]].set(jnp.where(keep, S, finals[x["seq"]]))
     return (S, finals), o
 
-  S0 = jnp.zeros((B, *h0.shape[1:]), jnp.float32)
+  S0 = jnp.zeros((B, *h0.shape[1:]), h0.dtype)
   (_, finals), o = lax.scan(step, (S0, jnp.zeros_like(h0)), xs)
   o = jnp.moveaxis(o, 0, 1)[:, :, None]
   return layout.from_chunks(o), finals

@@ -1,0 +1,294 @@
+"""The pure-JAX ops: the chunk path against the recurrent reference, identities, bad input."""
+from __future__ import annotations
+
+import functools
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import OPS, TOL, assert_close, make_inputs, rel_rms
+from deltajax import ops
+from oracle import check_against_reference
+
+
+# --- every path against the reference: outputs, final states, every gradient -----------------
+
+@pytest.mark.parametrize("op", OPS)
+def test_chunk_matches_reference_float32(op):
+  # T straddles two chunks of 16 plus a tail; grouped value heads; K != V.
+  check_against_reference(op, "chunk", T=37, H=2, HV=4, kw=dict(chunk_size=16))
+
+
+# float16 shares the bfloat16 code path (cast to float32 on entry): two ops cover it.
+@pytest.mark.parametrize("op, dtype", [(op, jnp.bfloat16) for op in OPS]
+                         + [("delta_rule", jnp.float16), ("kda", jnp.float16)])
+def test_chunk_matches_reference_low_precision(op, dtype):
+  check_against_reference(op, "chunk", dtype=dtype, T=70, B=1)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_chunk_matches_reference_packed(op):
+  # Three sequences of lengths 5, 0 (empty) and 25 in one row: state resets at each boundary.
+  cu = (0, 5, 5, 30)
+  check_against_reference(op, "chunk", B=1, N=3, T=30, kw=dict(cu_seqlens=cu, chunk_size=16))
+
+
+@pytest.mark.parametrize("op", ["gated_delta_rule", "kda"])
+def test_chunk_matches_reference_strong_gates(op):
+  # g around -20 per token: exp(+G) would overflow float32 in a naive chunk form.
+  check_against_reference(op, "chunk", T=40, gate_scale=20.0, kw=dict(chunk_size=32))
+
+
+def test_chunk_matches_reference_qk_l2norm():
+  check_against_reference("gated_delta_rule", "chunk", T=20, kw=dict(use_qk_l2norm=True,
+                                                                     chunk_size=16))
+
+
+@hypothesis.settings(max_examples=6, deadline=None, derandomize=True)
+@hypothesis.given(op=st.sampled_from(OPS), T=st.integers(1, 70), H=st.sampled_from([1, 2]),
+                  group=st.sampled_from([1, 2]), K=st.sampled_from([8, 16]),
+                  V=st.sampled_from([4, 16]))
+def test_chunk_forward_property(op, T, H, group, K, V):
+  args, h0 = make_inputs(op, B=1, T=T, H=H, HV=H * group, K=K, V=V, seed=T)
+  fn = getattr(ops, op)
+  run = lambda impl: fn(*args, initial_state=h0, output_final_state=True, impl=impl,
+                        chunk_size=16)
+  (o, s), (o_ref, s_ref) = run("chunk"), run("recurrent")
+  assert_close(o, o_ref, TOL[jnp.float32], "output")
+  assert_close(s, s_ref, TOL[jnp.float32], "final state")
+
+
+# --- a case worked out on paper ---------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["recurrent", "chunk"])
+def test_two_tokens_by_hand(impl):
+  """K=2, V=1, one head, scale 1.
+
+  Token 1: k=[1,0], v=2, beta=1/2: S = k (beta v)^T = [[1],[0]]; q=[1,1] -> o = 1.
+  Token 2: k=[.6,.8], v=1, beta=1: S^T k = .6, error .4, S = [[1.24],[.32]]; q=[1,0] -> 1.24.
+  With g_2 = log(1/2) the state first halves to [[.5],[0]]: S^T k = .3, error .7,
+  S = [[.92],[.56]] -> o = .92.
+  """
+  q = jnp.array([[1.0, 1.0], [1.0, 0.0]]).reshape(1, 2, 1, 2)
+  k = jnp.array([[1.0, 0.0], [0.6, 0.8]]).reshape(1, 2, 1, 2)
+  v = jnp.array([2.0, 1.0]).reshape(1, 2, 1, 1)
+  beta = jnp.array([0.5, 1.0]).reshape(1, 2, 1)
+  kw = dict(scale=1.0, output_final_state=True, impl=impl, chunk_size=16)
+  o, s = ops.delta_rule(q, k, v, beta, **kw)
+  np.testing.assert_allclose(o.ravel(), [1.0, 1.24], rtol=1e-6)
+  np.testing.assert_allclose(s.ravel(), [1.24, 0.32], rtol=1e-6)
+  g = jnp.log(jnp.array([1.0, 0.5])).reshape(1, 2, 1)
+  o, s = ops.gated_delta_rule(q, k, v, g, beta, **kw)
+  np.testing.assert_allclose(o.ravel(), [1.0, 0.92], rtol=1e-6)
+  np.testing.assert_allclose(s.ravel(), [0.92, 0.56], rtol=1e-6)
+
+
+# --- identities ------------------------------------------------------------------------------
+
+def _call(op, args, **kw):
+  kw = dict(dict(output_final_state=True, chunk_size=16), **kw)
+  return getattr(ops, op)(*args, **kw)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_two_halves_equal_the_whole(op):
+  args, h0 = make_inputs(op, B=1, T=40)
+  o, s = _call(op, args, initial_state=h0, impl="chunk")
+  first = tuple(None if a is None else a[:, :23] for a in args)
+  second = tuple(None if a is None else a[:, 23:] for a in args)
+  o1, s1 = _call(op, first, initial_state=h0, impl="chunk")
+  o2, s2 = _call(op, second, initial_state=s1, impl="chunk")
+  assert_close(jnp.concatenate([o1, o2], axis=1), o, 1e-5, "output")
+  assert_close(s2, s, 1e-5, "final state")
+
+
+@pytest.mark.parametrize("impl", ["recurrent", "chunk"])
+def test_packed_equals_each_sequence_alone(impl):
+  op = "kda"
+  lengths = (7, 20, 3)
+  cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+  args, h0 = make_inputs(op, B=1, T=int(cu[-1]), N=len(lengths))
+  o, s = _call(op, args, initial_state=h0, cu_seqlens=jnp.asarray(cu), impl=impl)
+  for i in range(len(lengths)):
+    part = tuple(a[:, cu[i]:cu[i + 1]] for a in args)
+    o_i, s_i = _call(op, part, initial_state=h0[i:i + 1], impl=impl)
+    assert_close(o[:, cu[i]:cu[i + 1]], o_i, 1e-5, f"output of sequence {i}")
+    assert_close(s[i:i + 1], s_i, 1e-5, f"final state of sequence {i}")
+
+
+def test_packed_under_jit_with_fixed_size_cu_seqlens():
+  args, h0 = make_inputs("delta_rule", B=1, T=24, N=3)
+  run = jax.jit(lambda cu: _call("delta_rule", args, initial_state=h0, cu_seqlens=cu,
+                                 impl="chunk"))
+  o, s = run(jnp.array([0, 10, 10, 24], jnp.int32))
+  o_ref, s_ref = _call("delta_rule", args, initial_state=h0,
+                       cu_seqlens=np.array([0, 10, 10, 24], np.int32), impl="recurrent")
+  assert_close(o, o_ref, 1e-5, "output")
+  assert_close(s, s_ref, 1e-5, "final state")
+  np.testing.assert_array_equal(s[1], h0[1])  # the empty sequence passes its state through
+
+
+@pytest.mark.parametrize("impl", ["recurrent", "chunk"])
+def test_delta_product_with_one_step_is_gated_delta_rule(impl):
+  (q, k, v, beta, g), h0 = make_inputs("delta_product", n=1, B=1, T=30)
+  o, s = _call("delta_product", (q, k, v, beta, g), initial_state=h0, impl=impl)
+  o_g, s_g = _call("gated_delta_rule", (q, k[:, :, 0], v[:, :, 0], g, beta[:, :, 0]),
+                   initial_state=h0, impl=impl)
+  assert_close(o, o_g, 1e-5, "gated output")
+  assert_close(s, s_g, 1e-5, "gated state")
+  o, s = _call("delta_product", (q, k, v, beta), initial_state=h0, impl=impl)
+  o_d, s_d = _call("delta_rule", (q, k[:, :, 0], v[:, :, 0], beta[:, :, 0]), initial_state=h0,
+                   impl=impl)
+  assert_close(o, o_d, 1e-5, "ungated output")
+  assert_close(s, s_d, 1e-5, "ungated state")
+
+
+@pytest.mark.parametrize("impl", ["recurrent", "chunk"])
+def test_kda_with_equal_channel_gates_is_gated_delta_rule(impl):
+  (q, k, v, g, beta), h0 = make_inputs("gated_delta_rule", B=1, T=30)
+  g_channels = jnp.broadcast_to(g[..., None], (*g.shape, q.shape[-1]))
+  o, s = _call("kda", (q, k, v, g_channels, beta), initial_state=h0, impl=impl)
+  o_g, s_g = _call("gated_delta_rule", (q, k, v, g, beta), initial_state=h0, impl=impl)
+  assert_close(o, o_g, 1e-5, "output")
+  assert_close(s, s_g, 1e-5, "final state")
+
+
+@pytest.mark.parametrize("impl", ["recurrent", "chunk"])
+def test_zero_gate_is_delta_rule(impl):
+  (q, k, v, g, beta), h0 = make_inputs("gated_delta_rule", B=1, T=30)
+  o, s = _call("gated_delta_rule", (q, k, v, jnp.zeros_like(g), beta), initial_state=h0,
+               impl=impl)
+  o_d, s_d = _call("delta_rule", (q, k, v, beta), initial_state=h0, impl=impl)
+  assert_close(o, o_d, 1e-5, "output")
+  assert_close(s, s_d, 1e-5, "final state")
+
+
+@pytest.mark.parametrize("impl", ["recurrent", "chunk"])
+def test_zero_beta_leaves_the_state_unchanged(impl):
+  (q, k, v, beta), h0 = make_inputs("delta_rule", B=1, T=30, HV=4, H=2)
+  o, s = _call("delta_rule", (q, k, v, jnp.zeros_like(beta)), initial_state=h0, impl=impl)
+  np.testing.assert_allclose(s, h0, rtol=0, atol=0)
+  # Every output reads the initial state: o_t = h0^T (scale q_t), q shared by value-head pairs.
+  q_v = jnp.repeat(q, 2, axis=2) * q.shape[-1] ** -0.5
+  assert_close(o, jnp.einsum("bthk,bhkv->bthv", q_v, h0), 1e-6, "output")
+
+
+def test_vmap_equals_a_loop():
+  args, h0 = make_inputs("gated_delta_rule", B=1, T=20)
+  stack = lambda x: jnp.stack([x, 0.5 * x])
+  batched = tuple(map(stack, args))
+  fn = lambda *a: _call("gated_delta_rule", a, initial_state=h0, impl="chunk")
+  o, s = jax.vmap(fn)(*batched)
+  for i in range(2):
+    o_i, s_i = fn(*(a[i] for a in batched))
+    assert_close(o[i], o_i, 1e-6, "vmapped output")
+    assert_close(s[i], s_i, 1e-6, "vmapped state")
+
+
+def test_final_state_is_none_unless_asked():
+  args, _ = make_inputs("delta_rule", B=1, T=5)
+  o, s = ops.delta_rule(*args)
+  assert s is None and o.shape == args[2].shape
+
+
+@pytest.mark.parametrize("T, want", [(1, "recurrent"), (16, "recurrent"), (17, "chunk")])
+def test_auto_picks_the_recurrent_path_for_decode_and_chunk_otherwise(T, want):
+  assert ops.resolve_impl("auto", T) == want
+  assert ops.resolve_impl("chunk", T) == "chunk"
+
+
+def test_l2norm_gradient_matches_finite_differences():
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 8)).astype(jnp.float64 if
+                                                               jax.config.x64_enabled else
+                                                               jnp.float32)
+  f = lambda x: jnp.sum(ops.l2norm(x) * jnp.arange(8.0))
+  g = jax.grad(f)(x)
+  eps = 1e-3
+  e = jnp.zeros_like(x).at[1, 2].set(eps)
+  fd = (f(x + e) - f(x - e)) / (2 * eps)
+  assert abs(float(g[1, 2]) - float(fd)) < 1e-3 * max(1.0, abs(float(fd)))
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+def _good(op="delta_rule", **kw):
+  return make_inputs(op, B=1, T=8, **kw)
+
+
+def _raises(fn, *names):
+  with pytest.raises(ValueError) as info:
+    fn()
+  for name in names:
+    assert name in str(info.value), f"{name!r} not in: {info.value}"
+
+
+def test_bad_rank_and_shapes():
+  (q, k, v, beta), h0 = _good()
+  _raises(lambda: ops.delta_rule(q[0], k, v, beta), "q", "rank 4")
+  _raises(lambda: ops.delta_rule(q, k[:, :4], v, beta), "k", "(1, 8, 2, 16)")
+  _raises(lambda: ops.delta_rule(q, k, v[:, :, :, :], beta[:, :4]), "beta")
+  _raises(lambda: ops.delta_rule(q, k, v[:, :4], beta), "v")
+  _raises(lambda: ops.delta_rule(q, k, v, beta, initial_state=h0[..., :3]), "initial_state",
+          "[B, HV, K, V]")
+
+
+def test_value_heads_must_be_a_multiple_of_heads():
+  (q, k, v, beta), _ = _good(H=2, HV=3)
+  _raises(lambda: ops.delta_rule(q, k, v, beta), "HV=3", "H=2")
+
+
+def test_bad_gates():
+  (q, k, v, g, beta), _ = _good("gated_delta_rule")
+  _raises(lambda: ops.gated_delta_rule(q, k, v, g[..., None], beta), "g", "[B, T, HV]")
+  _raises(lambda: ops.kda(q, k, v, g, beta), "g", "[B, T, HV, K]")
+  (q, k, v, beta, g), _ = _good("delta_product")
+  _raises(lambda: ops.delta_product(q, k, v, beta[:, :, :1], g), "beta")
+  _raises(lambda: ops.delta_product(q, k[:, :, 0], v, beta, g), "k", "rank 5")
+
+
+def test_bad_dtypes():
+  (q, k, v, beta), _ = _good()
+  _raises(lambda: ops.delta_rule(q.astype(jnp.int32), k, v, beta), "q", "int32")
+  _raises(lambda: ops.delta_rule(q, k, v, beta.astype(jnp.int8)), "beta", "int8")
+
+
+@pytest.mark.parametrize("cu, what", [
+    ((0, 4, 2, 8), "non-decreasing"),
+    ((1, 4, 8), "start at 0"),
+    ((0, 4, 7), "end at T=8"),
+    ((8,), "[N + 1]"),
+])
+def test_bad_cu_seqlens(cu, what):
+  (q, k, v, beta), _ = _good()
+  _raises(lambda: ops.delta_rule(q, k, v, beta, cu_seqlens=np.array(cu, np.int32)),
+          "cu_seqlens", what)
+
+
+def test_cu_seqlens_needs_batch_one_and_integers():
+  (q, k, v, beta), _ = make_inputs("delta_rule", B=2, T=8)
+  _raises(lambda: ops.delta_rule(q, k, v, beta, cu_seqlens=np.array([0, 8])), "B=2")
+  (q, k, v, beta), _ = _good()
+  _raises(lambda: ops.delta_rule(q, k, v, beta, cu_seqlens=np.array([0.0, 8.0])), "integer")
+
+
+@pytest.mark.parametrize("chunk_size", [0, 8, 48, 64.0, True])
+def test_bad_chunk_size(chunk_size):
+  (q, k, v, beta), _ = _good()
+  _raises(lambda: ops.delta_rule(q, k, v, beta, chunk_size=chunk_size), "chunk_size",
+          "power of two >= 16")
+
+
+def test_unknown_impl():
+  (q, k, v, beta), _ = _good()
+  _raises(lambda: ops.delta_rule(q, k, v, beta, impl="triton"), "impl", "'triton'")
+
+
+def test_checks_run_before_tracing():
+  # A bad shape under jit fails with the same message at trace time, never deep inside XLA.
+  (q, k, v, beta), _ = _good()
+  bad = jax.jit(lambda q: ops.delta_rule(q, k, v, beta))
+  _raises(lambda: bad(q[:, :, :1]), "k must have shape")
