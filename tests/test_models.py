@@ -1,6 +1,7 @@
 """deltajax.models: config validation, cached decoding, generation, training signal, counts."""
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,6 +157,29 @@ def test_sparsity_config_in_the_mlp_sows_metrics():
   assert logits.shape == (2, 5, VOCAB)
   density = jax.tree_util.tree_leaves(state["metrics"]["block_0"])
   assert density and all(np.all(np.isfinite(np.asarray(d))) for d in density)
+
+
+def test_remat_gives_the_same_gradients():
+  tokens = _tokens(2, 21, seed=6)
+  grads = []
+  for remat in (False, True):
+    _, model, params = _model(mixer="attn", num_layers=1, remat=remat)
+    grads.append(jax.jit(jax.grad(lambda p: _loss(model, p, tokens)))(params))
+  for a, b in zip(jax.tree_util.tree_leaves(grads[1]), jax.tree_util.tree_leaves(grads[0])):
+    assert_close(a, b, 1e-4, "remat gradient")
+
+
+def test_every_parameter_has_logical_axes():
+  cfg = LMConfig(**{**BASE, "num_layers": len(MIXERS), "pattern": MIXERS,
+                    "tie_embeddings": False, "num_v_heads": 2})
+  shapes = jax.eval_shape(DeltaLM(cfg).init, jax.random.PRNGKey(0), _tokens(1, 4))["params"]
+  leaves = jax.tree_util.tree_leaves(shapes, is_leaf=lambda l: isinstance(l, nn.Partitioned))
+  bare = [l for l in leaves if not isinstance(l, nn.Partitioned)]
+  assert not bare, f"{len(bare)} parameters without logical axis names"
+  specs = nn.get_partition_spec(shapes)
+  names = {a for spec in jax.tree_util.tree_leaves(
+      specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)) for a in spec}
+  assert {"embed", "heads", "kv", "mlp", "vocab"} <= names
 
 
 def test_num_params_and_flops():

@@ -34,6 +34,8 @@ class LMConfig:
   max_segments: static upper bound on documents (padding runs included) per row of a packed
   batch; None = T (always enough, but the chunked ops then size their chunk grid for T
   documents, which is slow: set it when training on packed data).
+  remat: recompute each block's activations in the backward pass (jax.checkpoint) to save
+  memory.
   """
   vocab_size: int
   d_model: int
@@ -63,6 +65,7 @@ class LMConfig:
   impl: str = "auto"
   max_segments: int | None = None
   embed_init_std: float = 0.02
+  remat: bool = False
 
   def __post_init__(self):
     if self.pattern is not None and not isinstance(self.pattern, tuple):

@@ -93,9 +93,10 @@ class DeltaLM(nn.Module):
                      embedding_init=partitioned(nn.initializers.normal(c.embed_init_std),
                                                 ("vocab", "embed")), name="embed")
     x = embed(tokens)
+    block = nn.remat(Block, static_argnums=()) if c.remat else Block
     new_cache = []
     for i, mixer in enumerate(c.layer_mixers):
-      x, layer_cache = Block(c, mixer, name=f"block_{i}")(
+      x, layer_cache = block(c, mixer, name=f"block_{i}")(
           x, segment_ids=segment_ids, cache=None if cache is None else cache[i])
       new_cache.append(layer_cache)
     x = layers.RMSNorm(c.norm_eps, name="final_norm", dtype=dtype,
