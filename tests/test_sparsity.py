@@ -21,7 +21,8 @@ def _normal(seed, shape, dtype=jnp.float32):
 
 
 @pytest.mark.parametrize("k,d,want", [(5, 40, 5), (1, 7, 1), (7, 7, 7), (0.1, 64, 6),
-                                      (0.25, 40, 10), (1.0, 9, 9), (0.001, 50, 1)])
+                                      (0.1, 256, 25), (0.29, 100, 29), (0.25, 40, 10),
+                                      (1.0, 9, 9), (0.001, 50, 1)])
 @pytest.mark.parametrize("method", ["exact", "approx"])
 def test_topk_keeps_exactly_k_largest(k, d, want, method):
   x = _normal(0, (3, 5, d))

@@ -5,6 +5,7 @@ They run on Python values and static shapes only, so a bad config or a bad width
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 
@@ -25,13 +26,15 @@ def check_k(k) -> None:
 
 
 def resolve_k(k, width: int) -> int:
-  """The number of entries to keep out of `width`: a count as is, a fraction rounded (>= 1)."""
+  """The number of entries to keep out of `width`: a count as is; a fraction k keeps
+  floor(k * width) (at least 1), so the kept fraction never exceeds k."""
   check_k(k)
   if isinstance(k, numbers.Integral):
     if k > width:
       raise ValueError(f"k must be <= the width of the last axis ({width}); got k={k}.")
     return int(k)
-  return max(1, min(width, int(round(float(k) * width))))
+  # The small slack absorbs binary rounding (0.29 * 100 = 28.999999999999996).
+  return max(1, min(width, int(math.floor(float(k) * width + 1e-9))))
 
 
 def check_nonneg(name: str, value) -> None:

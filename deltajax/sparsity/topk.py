@@ -34,7 +34,7 @@ GRADIENTS = ("kept", "straight_through")
 class TopKConfig:
   """How to sparsify activations [..., d].
 
-  k: int count in [1, d] or float fraction in (0, 1] of d (rounded, at least 1).
+  k: int count in [1, d] or float fraction in (0, 1] of d (floor(k * d), at least 1).
   method: one of METHODS. gradient: one of GRADIENTS.
   soft: statistical only; subtract the threshold (Spark Transformer) instead of masking.
   threshold: fatrelu only; entries <= threshold become 0.
