@@ -329,3 +329,20 @@ def test_video_demo_data_and_delta_inference():
   net = video.VideoNet(video.NetConfig(delta=S.DeltaConfig(step_init=0.25)))
   params = jax.jit(net.init)(jax.random.PRNGKey(0), a[:1])["params"]
   assert video.delta_inference_error(net, params, a[:2]) < 1e-5
+
+
+def test_parse_spec():
+  assert S.parse_spec("none") is None and S.parse_spec("") is None
+  assert S.parse_spec("topk") == S.TopKConfig()
+  assert S.parse_spec("topk:k=0.05,method=statistical,soft=true") == S.TopKConfig(
+      k=0.05, method="statistical", soft=True)
+  assert S.parse_spec("topk:k=32") == S.TopKConfig(k=32)
+  assert S.parse_spec("delta:mode=threshold,threshold=0.05") == S.DeltaConfig(
+      mode="threshold", threshold=0.05)
+  assert isinstance(S.as_module("topk:k=4"), S.TopK)
+  with pytest.raises(ValueError, match="spec must start with one of"):
+    S.parse_spec("sparse:k=1")
+  with pytest.raises(ValueError, match="got 'kk=3'"):
+    S.parse_spec("topk:kk=3")
+  with pytest.raises(ValueError, match="k must be an int count >= 1"):
+    S.parse_spec("topk:k=0")

@@ -18,6 +18,7 @@ from deltajax.sparsity.metrics import effective_macs
 from deltajax.sparsity.metrics import l1_penalty
 from deltajax.sparsity.metrics import nonzero_count
 from deltajax.sparsity.schedules import prosparse_l1_schedule
+from deltajax.sparsity.spec import parse_spec
 from deltajax.sparsity.topk import TopK
 from deltajax.sparsity.topk import TopKConfig
 from deltajax.sparsity.topk import fatrelu
@@ -27,10 +28,13 @@ from deltajax.sparsity.topk import topk_mask
 
 
 def as_module(spec):
-  """None -> None; a TopKConfig/DeltaConfig -> its linen module; anything else as is.
+  """None -> None; a TopKConfig/DeltaConfig (or a `parse_spec` string) -> its linen module;
+  anything else as is.
 
   Lets a model config hold a plain sparsity config (hashable, frozen) for `MLP(sparsity=...)`.
   """
+  if isinstance(spec, str):
+    spec = parse_spec(spec)
   if isinstance(spec, TopKConfig):
     return TopK(spec)
   if isinstance(spec, DeltaConfig):
@@ -41,6 +45,6 @@ def as_module(spec):
 __all__ = [
     "DeltaActivation", "DeltaConfig", "TopK", "TopKConfig", "accumulate", "as_module",
     "delta_density", "delta_l1", "delta_metrics", "dense_macs", "density", "effective_macs",
-    "fatrelu", "l1_penalty", "nonzero_count", "prosparse_l1_schedule", "quantize",
+    "fatrelu", "l1_penalty", "nonzero_count", "parse_spec", "prosparse_l1_schedule", "quantize",
     "statistical_threshold", "temporal_delta", "threshold_delta", "topk", "topk_mask",
 ]

@@ -120,6 +120,7 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=600)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--k", type=float, default=0.1, help="top-k fraction of the MLP hidden width")
+  p.add_argument("--method", default="exact", help="top-k method (exact, approx, statistical)")
   p.add_argument("--docs", type=int, default=400, help="generated documents")
   p.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
                  help="extra deltajax.train overrides for both runs")
@@ -134,12 +135,12 @@ def main(argv=None):
     # density of the ReLU activations.
     probe = TopKConfig(method="fatrelu", threshold=0.0)
     dense = train_lm(probe, path, steps=args.steps, seed=args.seed, overrides=overrides)
-    sparse = train_lm(TopKConfig(k=args.k), path, steps=args.steps, seed=args.seed,
+    sparse = train_lm(TopKConfig(k=args.k, method=args.method), path, steps=args.steps, seed=args.seed,
                       overrides=overrides)
   print(f"generated text: {args.docs} documents, {size} bytes; DeltaLM d_model 64, 2 layers, "
         f"ReLU MLP hidden 256; {args.steps} steps of 16 x 64 bytes")
-  for name, (loss, dens, secs) in (("dense ReLU MLP", dense), (f"top-k {args.k:g} MLP", sparse)):
-    print(f"{name:<18} held-out loss {loss:.4f} nats/byte  MLP activation density {dens:.4f} "
+  for name, (loss, dens, secs) in (("dense ReLU MLP", dense), (f"top-k {args.k:g} ({args.method})", sparse)):
+    print(f"{name:<22} held-out loss {loss:.4f} nats/byte  MLP activation density {dens:.4f} "
           f"(sparsity {100 * (1 - dens):.1f}%)  [{secs:.0f}s]")
   print(f"relative loss increase of top-k over dense: {100 * (sparse[0] / dense[0] - 1):+.2f}%")
 
