@@ -65,46 +65,44 @@ def test_help_lists_presets_and_options(capsys):
   assert "--model.mixer=" in out and "--run.steps=" in out and "--data.task=" in out
 
 
-def test_killed_run_resumes_from_last_complete_checkpoint_with_the_same_losses(tmp_path):
-  """The real entry point runs 5 steps and exits without a final save (as if killed after a
-  checkpoint at step 4); a save of step 6 interrupted half-way is left on disk; the restart
-  resumes at step 4 and its losses equal those of an uninterrupted run, bit for bit."""
-  over = {**TINY, "run.steps": "8", "run.checkpoint_every": "2"}
+# Every in-process run below shares this schedule, model and mesh, so they reuse one compile.
+RUN8 = {**TINY, "run.steps": "8", "run.checkpoint_every": "2"}
+
+
+def test_killed_run_resumes_from_last_complete_checkpoint_with_the_same_losses(tmp_path,
+                                                                                capsys):
+  """The real entry point runs 5 steps and exits without a final save (as if killed after the
+  checkpoint of step 4); a save of step 6 interrupted half-way is left on disk. The restarted
+  command resumes at step 4, and its losses equal those of an uninterrupted run bit for bit;
+  it ends by printing held-out accuracy and where the checkpoint, metrics and plot went."""
+  over = {**RUN8, "run.tensorboard": "true", "run.plot": "true"}
   killed, straight = tmp_path / "killed", tmp_path / "straight"
   proc = subprocess.run(
       [sys.executable, "-m", "deltajax.train", "mqar", *_args(over), "--run.stop_at=5",
        f"--run.workdir={killed}"], capture_output=True, text=True, cwd=REPO, timeout=300)
   assert proc.returncode == 0, proc.stderr
+  assert "5/8" in proc.stdout and "run.stop_at" in proc.stdout
   ckpts = killed / "checkpoints"
   assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["2", "4"]
   (ckpts / "6.orbax-checkpoint-tmp-1234567").mkdir()  # what a save killed mid-way leaves
   (ckpts / "6.orbax-checkpoint-tmp-1234567" / "partial").write_text("x")
 
-  resumed = loop.train_and_evaluate(build_config("mqar", over), str(killed), quiet=True)
-  ref = loop.train_and_evaluate(build_config("mqar", over), str(straight), quiet=True)
-  assert resumed.step == ref.step == 8
-  assert len(resumed.losses) == 4  # steps 5..8: resumed from 4, not from the partial 6
+  assert cli.main(["mqar", *_args(over), f"--run.workdir={killed}"]) == 0
+  out = capsys.readouterr().out
+  ref = loop.train_and_evaluate(build_config("mqar", RUN8), str(straight), quiet=True)
+  assert "resumed from step 4" in out
   assert _losses(killed) == _losses(straight)
   assert list(_losses(killed)) == list(range(1, 9))
-  assert resumed.eval == ref.eval and "eval/accuracy@16" in ref.eval
-  assert not any("tmp" in p.name for p in ckpts.iterdir())
-
-
-def test_cli_end_to_end_prints_accuracy_and_where_things_went(tmp_path):
-  over = {**TINY, "run.steps": "3", "run.tensorboard": "true", "run.plot": "true"}
-  proc = subprocess.run(
-      [sys.executable, "-m", "deltajax.train", *_args(over), f"--run.workdir={tmp_path}"],
-      capture_output=True, text=True, cwd=REPO, timeout=300)
-  assert proc.returncode == 0, proc.stderr
-  assert "held-out accuracy:" in proc.stdout and "checkpoint:" in proc.stdout
-  assert (tmp_path / "curves.png").stat().st_size > 1000
-  assert any(p.name.startswith("events") for p in (tmp_path / "tb").iterdir())
-  assert (tmp_path / "checkpoints" / "3").is_dir()
+  acc = f"{ref.eval['eval/accuracy@16']:.2%} at length 16"
+  assert f"held-out accuracy: {acc}" in out, out
+  assert f"checkpoint: {ckpts}" in out and f"plot: {killed}/curves.png" in out
+  assert (killed / "curves.png").stat().st_size > 1000
+  assert any(p.name.startswith("events") for p in (killed / "tb").iterdir())
+  assert sorted(p.name for p in ckpts.iterdir()) == ["6", "8"]  # keep 2; partial save gone
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path,
                                                                           monkeypatch):
-  over = {**TINY, "run.steps": "6", "run.checkpoint_every": "2"}
   real = loop.Trainer.train_batch
 
   def poisoned(self, step):
@@ -115,15 +113,16 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
   monkeypatch.setattr(loop.Trainer, "train_batch", poisoned)
   with pytest.raises(loop.NonFiniteLossError, match="step 3.*checkpoint is step 2"):
-    loop.train_and_evaluate(build_config("mqar", over), str(tmp_path), quiet=True)
+    loop.train_and_evaluate(build_config("mqar", RUN8), str(tmp_path), quiet=True)
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
-  over = {**TINY, "run.steps": "3", "run.checkpoint_every": "0"}
+  over = {**RUN8, "run.stop_at": "3"}
   full = loop.train_and_evaluate(build_config("mqar", over), str(tmp_path / "a"), quiet=True)
   accum = loop.train_and_evaluate(build_config("mqar", {**over, "optim.grad_accum_steps": "2"}),
                                   str(tmp_path / "b"), quiet=True)
+  assert len(full.losses) == 3
   np.testing.assert_allclose(accum.losses, full.losses, rtol=2e-5)
 
 

@@ -8,6 +8,7 @@ function of (seed, step)), logs, evaluates and checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -137,8 +138,51 @@ def make_eval_step(model) -> Callable:
   return eval_step
 
 
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The compiled pieces of a run: model, optimiser, shardings and jitted functions."""
+  model: Any
+  tx: Any
+  state_sharding: Any
+  abstract_state: Any
+  init: Callable
+  train_step: Callable
+  eval_step: Callable
+
+
+def build_steps(model_config, optim, total_steps: int, seq_len: int, mesh) -> Steps:
+  """Model, optimiser, sharded state layout and the jitted init / train / eval steps."""
+  model = make_model(model_config)
+  tx = make_optimizer(optim, total_steps)
+  dummy = jnp.zeros((1, seq_len), jnp.int32)
+
+  def init_boxed(rng):
+    # Parameters carry logical axis names (nn.Partitioned); the optimiser moments built from
+    # them carry the same names, so both are sharded alike.
+    params = model.init(rng, dummy)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+  abstract = nn.unbox(boxed)
+  state_sh = shard_lib.state_shardings(abstract, mesh, nn.get_partition_spec(boxed))
+  micro_sh = shard_lib.batch_sharding(mesh, micro=True)
+  return Steps(
+      model=model, tx=tx, state_sharding=state_sh,
+      abstract_state=ckpt_lib.abstract_like(abstract, state_sh),
+      init=jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=state_sh),
+      train_step=jax.jit(make_train_step(model, tx), in_shardings=(state_sh, micro_sh),
+                         out_shardings=(state_sh, None), donate_argnums=0),
+      eval_step=jax.jit(make_eval_step(model),
+                        in_shardings=(state_sh.params, shard_lib.batch_sharding(mesh))))
+
+
+# Runs of the same model, optimiser and mesh in one process (a resume, a comparison) reuse
+# the compiled steps instead of compiling again.
+_cached_steps = functools.lru_cache(maxsize=4)(build_steps)
+
+
 class Trainer:
-  """Builds the model, mesh, sharded state, jitted steps and data source for a Config."""
+  """The data source and compiled steps for a Config, on `mesh` (default: from run.mesh_*)."""
 
   def __init__(self, config: Config, mesh=None):
     self.config = config
@@ -152,36 +196,17 @@ class Trainer:
     if b % accum or (b // accum) % n_dev:
       raise ValueError(f"data.batch_size: got {b}, need a multiple of optim.grad_accum_steps "
                        f"({accum}) x devices ({n_dev})")
-    self.model = make_model(config.model)
-    self.tx = make_optimizer(config.optim, config.run.steps)
-    self._init_state()
-    micro_sh = shard_lib.batch_sharding(self.mesh, micro=True)
-    self.micro_sharding = micro_sh
+    key = (config.model, config.optim, config.run.steps, config.data.seq_len, self.mesh)
+    try:
+      steps = _cached_steps(*key)
+    except TypeError:  # an unhashable model config (e.g. a module as mlp_sparsity)
+      steps = build_steps(*key)
+    self.steps = steps
+    self.model, self.tx = steps.model, steps.tx
+    self.state_sharding, self.abstract_state = steps.state_sharding, steps.abstract_state
+    self.train_step, self.eval_step, self._init = steps.train_step, steps.eval_step, steps.init
+    self.micro_sharding = shard_lib.batch_sharding(self.mesh, micro=True)
     self.eval_sharding = shard_lib.batch_sharding(self.mesh)
-    self.train_step = jax.jit(make_train_step(self.model, self.tx),
-                              in_shardings=(self.state_sharding, micro_sh),
-                              out_shardings=(self.state_sharding, None), donate_argnums=0)
-    self.eval_step = jax.jit(make_eval_step(self.model),
-                             in_shardings=(self.state_sharding.params, self.eval_sharding))
-
-  def _init_state(self):
-    cfg = self.config
-    dummy = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
-
-    def init_boxed(rng):
-      # Parameters carry logical axis names (nn.Partitioned); the optimiser moments built
-      # from them carry the same names, so both are sharded alike.
-      params = self.model.init(rng, dummy)["params"]
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                        opt_state=self.tx.init(params))
-
-    rng = jax.random.PRNGKey(cfg.run.seed)
-    boxed = jax.eval_shape(init_boxed, rng)
-    abstract = nn.unbox(boxed)
-    self.state_sharding = shard_lib.state_shardings(abstract, self.mesh,
-                                                    nn.get_partition_spec(boxed))
-    self.abstract_state = ckpt_lib.abstract_like(abstract, self.state_sharding)
-    self._init = jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=self.state_sharding)
 
   def fresh_state(self) -> TrainState:
     """Parameters and optimiser state created directly in their shards."""
