@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from deltajax.sparsity import delta as delta_lib
+from deltajax.sparsity import metrics as M
 from deltajax.sparsity.schedules import prosparse_l1_schedule
 
 SHAPES = ("square", "disk", "cross", "ring")
@@ -166,8 +167,6 @@ def evaluate(model, params, videos, labels, batch: int = 256) -> dict:
   deltas of frames 1..T-1 ("delta"), frame 0 sent dense ("first"); MACs weight each layer by
   its fan-out (from the sown metrics): on deltas, on non-zero activations, and fully dense.
   """
-  from deltajax.sparsity import metrics as M
-
   def is_delta(mdl, _):
     return isinstance(mdl, delta_lib.DeltaActivation)
 
