@@ -17,6 +17,10 @@ Sown into "metrics": activation_density (non-zeros of the layer's value), delta_
 (non-zero deltas, first frame excluded), effective_macs / dense_macs (the next layer's MACs on
 deltas vs on dense values, first frame excluded) and delta_l1 (the fan-out-weighted L1 penalty
 times `l1_coef`; add `schedule(step) * delta_l1` to the loss).
+
+Limits: time is the whole axis 1 of one call, so decoding one step at a time (a model cache)
+has no previous frame — use "quantized" mode there, whose output does not depend on it; packed
+rows (segment_ids) take deltas across document boundaries.
 """
 from __future__ import annotations
 
