@@ -25,6 +25,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from deltajax import ops
 from deltajax.layers import gates
@@ -129,6 +130,37 @@ class DeltaMixerBase(nn.Module):
     raise NotImplementedError
 
   # --- shared body --------------------------------------------------------------------------
+  bounded_packing = True  # the op's cost grows with the number of documents it is told about
+
+  def _packed(self, q, k, v, beta, g, segment_ids):
+    """The op on each row of a packed batch (vmapped), documents given as cu_seqlens.
+
+    The chunked ops size their chunk grid for T / C + S - 1 chunks when told about S documents,
+    so S = T (always enough) costs C times the unpacked op. The fast path uses
+    S = max_segments (default T / C + 1) and a `lax.cond` falls back to S = T for batches
+    with a row of more documents: always exact, fast in the common case.
+    """
+    T = q.shape[1]
+
+    def run(S):
+      cu = segments.cu_seqlens_rows(segment_ids, S)
+
+      def row(q, k, v, beta, g, cu):
+        one = lambda t: None if t is None else t[None]
+        o, _ = self.recurrence(one(q), one(k), one(v), one(beta), one(g),
+                               initial_state=None, cu_seqlens=cu)
+        return o[0]
+
+      return jax.vmap(row)(q, k, v, beta, g, cu)
+
+    if not self.bounded_packing or ops.resolve_impl(self.impl, T * self.num_steps) == "recurrent":
+      return run(T)  # the token loop's cost does not depend on S
+    S = self.max_segments or -(-T // self.chunk_size) + 1
+    if S >= T:
+      return run(T)
+    fits = jnp.max(segments.num_documents(segment_ids)) <= S
+    return lax.cond(fits, lambda: run(S), lambda: run(T))
+
   def _dense(self, features: int, axes, name: str, use_bias: bool = False):
     return dense(features, axes, name=name, dtype=self.dtype, param_dtype=self.param_dtype,
                  use_bias=use_bias)
@@ -146,10 +178,8 @@ class DeltaMixerBase(nn.Module):
     if segment_ids is not None and cache is not None:
       raise ValueError("segment_ids and cache cannot be combined: packed batches are for "
                        "training, the cache is for decoding one stream per row.")
-    cu = None
     if segment_ids is not None:
       segments.check_segment_ids(segment_ids, B, T)
-      cu = segments.cu_seqlens_rows(segment_ids, self.max_segments)  # checks the bound early
     x = x.astype(self.dtype)
 
     feats = self._features(d)
@@ -177,13 +207,7 @@ class DeltaMixerBase(nn.Module):
       state = None if cache is None else cache["state"]
       o, final = self.recurrence(q, k, v, beta, g, initial_state=state, cu_seqlens=None)
     else:
-      def row(q, k, v, beta, g, cu):
-        one = lambda t: None if t is None else t[None]
-        o, _ = self.recurrence(one(q), one(k), one(v), one(beta), one(g),
-                               initial_state=None, cu_seqlens=cu)
-        return o[0]
-
-      o, final = jax.vmap(row)(q, k, v, beta, g, cu), None
+      o, final = self._packed(q, k, v, beta, g, segment_ids), None
 
     if self.use_output_gate:
       gate = self.output_gate(x, d).reshape(B, T, d.HV, d.V)
@@ -290,6 +314,7 @@ class LinearAttention(DeltaMixerBase):
   in the update rule. Computed in plain JAX (chunked, `linear_attention.py`).
   """
   uses_beta = False
+  bounded_packing = False  # documents become resets; the cost does not depend on their number
 
   def dims(self) -> MixerDims:
     d = super().dims()

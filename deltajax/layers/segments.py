@@ -44,26 +44,22 @@ def same_segment_shifted(segment_ids: jax.Array, shift: int) -> jax.Array:
   return (prev == segment_ids) & (positions(segment_ids) >= shift)
 
 
-def count(segment_ids) -> int:
-  """Largest number of documents in one row (host-side; needs concrete ids)."""
-  return int(np.max(np.sum(np.asarray(starts(jnp.asarray(segment_ids))), axis=1)))
+def num_documents(segment_ids: jax.Array) -> jax.Array:
+  """[B] int32: documents (padding runs included) in each row."""
+  return jnp.sum(starts(segment_ids), axis=1, dtype=jnp.int32)
 
 
 def cu_seqlens_rows(segment_ids: jax.Array, max_segments: int | None = None) -> jax.Array:
   """[B, S + 1] int32 per-row document boundaries, padded with T (empty documents).
 
-  S = max_segments (default T, always enough). A smaller bound makes the chunked ops cheaper
-  (their static chunk count is T / C + S - 1); when the ids are concrete it is checked.
+  S = max_segments (default T, always enough). With a smaller S, rows with more than S
+  documents are cut short (their last boundaries are lost): the caller checks
+  `num_documents(segment_ids) <= S` first.
   """
   B, T = segment_ids.shape
   S = T if max_segments is None else int(max_segments)
   if S < 1:
     raise ValueError(f"max_segments must be >= 1; got {max_segments}.")
-  if not isinstance(segment_ids, jax.core.Tracer) and max_segments is not None:
-    n = count(segment_ids)
-    if n > S:
-      raise ValueError(f"max_segments={S} is smaller than the number of documents in a row of "
-                       f"segment_ids ({n}); raise max_segments.")
   t = jnp.arange(T, dtype=jnp.int32)
   idx = jnp.sort(jnp.where(starts(segment_ids), t, T), axis=1)
   if S <= T:

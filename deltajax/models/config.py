@@ -31,9 +31,9 @@ class LMConfig:
   num_layers. head_dim defaults to d_model // num_heads (attention layers use the same heads).
   mlp_sparsity: None, a deltajax.sparsity config (TopKConfig / DeltaConfig) or a linen module
   / callable applied to the MLP hidden activations.
-  max_segments: static upper bound on documents (padding runs included) per row of a packed
-  batch; None = T (always enough, but the chunked ops then size their chunk grid for T
-  documents, which is slow: set it when training on packed data).
+  max_segments: documents per row (padding runs included) that the fast packed path is
+  compiled for; default T / chunk_size + 1. Rows with more documents take an exact but slower
+  path (lax.cond), so this only tunes speed.
   remat: recompute each block's activations in the backward pass (jax.checkpoint) to save
   memory.
   """
