@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from deltajax.ops.layout import Layout
+from deltajax.ops.triangular import solve_unit_lower
 
 _SUB = 16  # sub-block of the per-channel gate scores; the diagonal blocks cost C * _SUB * K.
 
@@ -112,10 +113,8 @@ def gated_scores(a, b, g, *, diagonal: bool, precision=None):
 def prepare(q, k, v, beta, g, *, precision=None) -> Prepared:
   """Steps 1-2 for every chunk at once. q, k [..., C, K]; v [..., C, V]; beta [..., C];
   g None, [..., C] or [..., C, K]."""
-  C = q.shape[-2]
   A = beta[..., :, None] * gated_scores(k, k, g, diagonal=False, precision=precision)
   Attn = gated_scores(q, k, g, diagonal=True, precision=precision)
-  eye = jnp.eye(C, dtype=A.dtype)
   if g is None:
     Qg, Kd, Kg = q, k, k
     D = jnp.ones(q.shape[:-2] + q.shape[-1:], q.dtype)
@@ -125,8 +124,7 @@ def prepare(q, k, v, beta, g, *, precision=None) -> Prepared:
     Qg, Kd, Kg = q * jnp.exp(G), k * jnp.exp(_rest_sums(gc, -2)), k * jnp.exp(G)
     D = jnp.broadcast_to(jnp.exp(G[..., -1, :]), q.shape[:-2] + q.shape[-1:])
   rhs = jnp.concatenate([beta[..., None] * Kg, beta[..., None] * v], axis=-1)
-  WU = lax.linalg.triangular_solve(eye + A, rhs, left_side=True, lower=True,
-                                   unit_diagonal=True)
+  WU = solve_unit_lower(A, rhs, precision)
   K = q.shape[-1]
   return Prepared(Qg=Qg, Kd=Kd, W=WU[..., :K], U=WU[..., K:], D=D, Attn=Attn)
 
