@@ -140,6 +140,67 @@ def bench_one(op: str, impl: str, s: Shape, dtype, repeats: int) -> Result:
                 peak_fraction=None if peak is None else tflops / peak)
 
 
+# fla's Triton chunk kernels, for `--compare fla`: (module, function) per op.
+FLA_KERNELS = {
+    "delta_rule": ("fla.ops.delta_rule", "chunk_delta_rule"),
+    "gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
+    "kda": ("fla.ops.kda", "chunk_kda"),
+    "delta_product": ("fla.ops.gated_delta_product", "chunk_gated_delta_product"),
+}
+
+
+def bench_fla(op: str, s: Shape, dtype, repeats: int) -> Result:
+  """Times fla's Triton kernel for `op` on the same inputs (needs torch, CUDA and fla-core).
+
+  fla's conventions are ours, except that delta_product takes time interleaved with the
+  Householder steps (k [B, T * n, H, K]) and the step count as an argument.
+  """
+  import importlib  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  module, name = FLA_KERNELS[op]
+  kernel = getattr(importlib.import_module(module), name)
+  to_torch = lambda x: torch.from_dlpack(np.asarray(x.astype(jnp.float32))).cuda().to(
+      getattr(torch, jnp.dtype(dtype).name)).requires_grad_()
+  args = [to_torch(x) for x in make_args(op, s, dtype)]
+  if op == "delta_product":
+    q, k, v, beta, g = args
+    flat = lambda x: x.detach().flatten(1, 2).requires_grad_()
+    args, extra = [q, flat(k), flat(v), g, flat(beta)], dict(num_householder=s.n)
+  else:
+    extra = {}
+
+  def forward():
+    return kernel(*args, **extra)[0]
+
+  def fwd_bwd():
+    o = kernel(*args, **extra)[0]
+    o.float().square().sum().backward()
+    return o
+
+  def median_ms(fn):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      fn()
+      torch.cuda.synchronize()
+      times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+  t0 = time.perf_counter()
+  fwd_bwd()  # Triton compiles on first call
+  torch.cuda.synchronize()
+  compile_s = time.perf_counter() - t0
+  torch.cuda.reset_peak_memory_stats()
+  fwd_ms, fwd_bwd_ms = median_ms(forward), median_ms(fwd_bwd)
+  tflops = 3 * model_flops(op, s) / (fwd_bwd_ms * 1e-3) / 1e12
+  peak = device_peak_tflops()
+  return Result(op=op, impl="fla", T=s.T, compile_s=compile_s, fwd_ms=fwd_ms,
+                fwd_bwd_ms=fwd_bwd_ms, peak_mib=torch.cuda.max_memory_allocated() / 2**20,
+                tflops=tflops, peak_fraction=None if peak is None else tflops / peak)
+
+
 def format_table(results: Sequence[Result]) -> str:
   head = (f"{'op':<17} {'impl':<9} {'T':>6} {'compile s':>9} {'fwd ms':>9} {'fwd+bwd ms':>10} "
           f"{'peak MiB':>9} {'TFLOP/s':>8} {'of peak':>7}")
@@ -152,18 +213,21 @@ def format_table(results: Sequence[Result]) -> str:
 
 
 def summarize(results: Sequence[Result]) -> str:
-  """Chunk vs recurrent ratios and whether impl="auto" picks the faster measured path."""
+  """Chunk vs recurrent, whether impl="auto" picks the faster path, and throughput against fla."""
   by = {(r.op, r.impl, r.T): r for r in results}
   lines = []
   for (op, impl, T), r in sorted(by.items()):
-    rec = by.get((op, "recurrent", T))
-    if impl != "chunk" or rec is None:
-      continue
-    auto = ops.resolve_impl("auto", T)
-    faster = "chunk" if r.fwd_bwd_ms < rec.fwd_bwd_ms else "recurrent"
-    lines.append(f"{op:<17} T={T:<6} chunk fwd+bwd {rec.fwd_bwd_ms / r.fwd_bwd_ms:6.1f}x faster, "
-                 f"peak memory {r.peak_mib / rec.peak_mib:6.3f}x of recurrent; auto -> {auto} "
-                 f"({'faster' if auto == faster else 'NOT the faster path'})")
+    rec, fla = by.get((op, "recurrent", T)), by.get((op, "fla", T))
+    if impl == "chunk" and rec is not None:
+      auto = ops.resolve_impl("auto", T)
+      faster = "chunk" if r.fwd_bwd_ms < rec.fwd_bwd_ms else "recurrent"
+      lines.append(f"{op:<17} T={T:<6} chunk fwd+bwd {rec.fwd_bwd_ms / r.fwd_bwd_ms:6.2f}x the "
+                   f"speed of recurrent, peak memory {r.peak_mib / rec.peak_mib:6.3f}x; auto -> "
+                   f"{auto} ({'faster' if auto == faster else 'NOT the faster path'})")
+    if impl not in ("fla", "recurrent") and fla is not None:
+      lines.append(f"{op:<17} T={T:<6} {impl} / fla throughput: forward "
+                   f"{fla.fwd_ms / r.fwd_ms:5.2f}, forward+backward "
+                   f"{fla.fwd_bwd_ms / r.fwd_bwd_ms:5.2f}")
   return "\n".join(lines)
 
 
@@ -205,6 +269,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--json", help="write the results here")
   p.add_argument("--plot", help="write a log-log plot of time vs T here (needs matplotlib)")
+  p.add_argument("--compare", choices=("fla",), action="append", default=[],
+                 help="also time fla's Triton kernels in the same run (needs torch with CUDA "
+                      "and fla-core)")
   a = p.parse_args(argv)
   for name in a.ops:
     if name not in OPS:
@@ -212,6 +279,14 @@ def main(argv: Sequence[str] | None = None) -> None:
   for name in a.impls:
     if name not in IMPLS:
       p.error(f"--impls: unknown implementation {name!r}; choose from {IMPLS}")
+  if a.compare:
+    try:
+      import fla  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      p.error(f"--compare fla needs torch and fla-core installed: {e}")
+    if not torch.cuda.is_available():
+      p.error("--compare fla needs a CUDA GPU (fla's kernels are Triton)")
   dev = jax.devices()[0]
   print(f"deltajax bench: jax {jax.__version__}, {dev.platform} ({dev.device_kind}), "
         f"B={a.B} H={a.H} K={a.K} V={a.V} n={a.n} C={a.chunk_size} {a.dtype}", flush=True)
@@ -221,6 +296,10 @@ def main(argv: Sequence[str] | None = None) -> None:
       for impl in a.impls:
         s = Shape(B=a.B, T=T, H=a.H, K=a.K, V=a.V, n=a.n, chunk_size=a.chunk_size)
         r = bench_one(op, impl, s, jnp.dtype(a.dtype), a.repeats)
+        results.append(r)
+        print(format_table([r]).splitlines()[-1], flush=True)
+      if "fla" in a.compare:
+        r = bench_fla(op, s, jnp.dtype(a.dtype), a.repeats)
         results.append(r)
         print(format_table([r]).splitlines()[-1], flush=True)
   print()
