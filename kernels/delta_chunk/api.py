@@ -3,10 +3,11 @@
 What runs where:
 * forward: `calls.prepare` (Pallas: gate cumsum, scores, block-doubling inverse, W, U per chunk)
   then `calls.forward` (Pallas: the state pass with the state on chip, outputs fused in).
-* backward: the per-chunk preparation is recomputed in plain JAX (`reference.prepare` under
-  `jax.vjp`), `calls.backward` (Pallas) runs the reverse pass over chunks with dS on chip and
-  emits every per-chunk cotangent, and the vjp of `reference.prepare` (XLA) turns those into
-  dq, dk, dv, dbeta and dg. Only the inputs and the per-chunk states are kept between passes.
+* backward: `calls.prepare` (Pallas) recomputes the per-chunk quantities, `calls.backward`
+  (Pallas) runs the reverse pass over chunks with dS on chip and emits every per-chunk
+  cotangent, and `calls.prepare_backward` (Pallas, recomputing the preparation again) turns
+  those into dq, dk, dv, dbeta and dg. Only the inputs and the per-chunk states are kept
+  between passes; plain JAX does only the layout glue.
 
 Legend: B streams, HV heads, nc chunks, C chunk length, K key dim, V value dim, N sequences.
 """
@@ -16,22 +17,20 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from deltajax.ops.layout import Layout
 from ..config import KernelConfig, default_config
 from . import calls
-from . import reference
 
 _F32 = jnp.float32
 
 
 def _gate_inputs(g):
-  """The kernels' view of g: (kind, arrays) with per-token values as columns (and rows)."""
+  """The kernels' view of g: (kind, arrays); one gate per token as a [.., 1, C] row."""
   if g is None:
     return None, ()
   if g.ndim == 4:                                     # [B, HV, nc, C]: one gate per head
-    return "head", (g[..., :, None], g[..., None, :])
+    return "head", (g[..., None, :],)
   return "channel", (g,)                              # [B, HV, nc, C, K]
 
 
@@ -69,21 +68,20 @@ def _core_fwd(q, k, v, beta, g, h0, start, seq, packed, cfg):
 def _core_bwd(packed, cfg, res, cts):
   q, k, v, beta, g, h0, start, seq, ST_out = res
   dO, dST_out = cts
-  prep = functools.partial(reference.prepare, precision=lax.Precision.HIGHEST)
-  p, prepare_vjp = jax.vjp(prep, q, k, v, beta, g)
+  kind, gates = _gate_inputs(g)
+  p = calls.prepare(cfg, q, k, v, beta[..., None], kind, gates)    # recomputed, not stored
   next_start = jnp.concatenate([start[:, 1:], jnp.ones_like(start[:, :1])], axis=1)
   dp, dh0T = calls.backward(cfg, _flags(start), _flags(next_start), _h0T(h0, seq, packed),
-                            ST_out, (p.Qg, p.Kd, p.W, p.U, p.D[..., None, :], p.Attn),
-                            dO, dST_out)
-  dQg, dKd, dW, dU, dD, dAttn = dp
-  dq, dk, dv, dbeta, dg = prepare_vjp(
-      reference.Prepared(Qg=dQg, Kd=dKd, W=dW, U=dU, D=dD[..., 0, :], Attn=dAttn))
+                            ST_out, p, dO, dST_out)
+  dq, dk, dv, dbeta, *dg = calls.prepare_backward(cfg, q, k, v, beta[..., None], kind, gates,
+                                                  dp)
+  dg = None if g is None else dg[0].reshape(g.shape)
   dh0 = jnp.swapaxes(dh0T, -1, -2)                    # [B, HV, 1 or nc, K, V]
   if packed:
     dh0 = jnp.zeros_like(h0).at[seq].add(jnp.moveaxis(dh0, 2, 1))
   else:
     dh0 = dh0[:, :, 0]
-  return dq, dk, dv, dbeta, dg, dh0, None, None
+  return dq, dk, dv, dbeta[..., 0], dg, dh0, None, None
 
 
 core.defvjp(_core_fwd, _core_bwd)

@@ -1,7 +1,7 @@
 """The `pallas_call`s: per-chunk preparation, the forward state pass, the reverse state pass.
 
 Arrays are chunk-major per head: [B, HV, nc, X, Y] with one [X, Y] block per (b, h, chunk).
-Per-token vectors are stored as [.., C, 1] columns (and per-head gates also as [.., 1, C] rows)
+Per-token vectors are stored as [.., C, 1] columns (beta) or [.., 1, C] rows (per-head gates)
 so every block's last two dims are full array dims (the TPU block rule). States are transposed,
 [.., V, K] (see maths.py). Sequence starts are float flags [B, 1, nc, 1, 1].
 
@@ -67,7 +67,7 @@ def _scratch(cfg: KernelConfig, shape):
 # Preparation: one program per (b, h, chunk).
 
 def _prepare_kernel(*refs, gate_kind, sub):
-  n_gate = {None: 0, "head": 2, "channel": 1}[gate_kind]
+  n_gate = {None: 0, "head": 1, "channel": 1}[gate_kind]
   q, k, v, beta, *gate = (r[...] for r in refs[:4 + n_gate])
   gate = (gate_kind, *gate) if gate_kind else None
   for ref, x in zip(refs[4 + n_gate:], maths.prepare(q, k, v, beta, gate, sub=sub)):
@@ -77,8 +77,8 @@ def _prepare_kernel(*refs, gate_kind, sub):
 def prepare(cfg: KernelConfig, q, k, v, beta, gate_kind, gates):
   """Qg, Kd, W [B,HV,nc,C,K]; U [.., C, V]; D [.., 1, K]; Attn [.., C, C] for every chunk.
 
-  q, k [B, HV, nc, C, K]; v [.., C, V]; beta [.., C, 1]; gates () or (g_col [.., C, 1],
-  g_row [.., 1, C]) for gate_kind "head", or (g [.., C, K],) for "channel".
+  q, k [B, HV, nc, C, K]; v [.., C, V]; beta [.., C, 1]; gates () or (g_row [.., 1, C],) for
+  gate_kind "head", or (g [.., C, K],) for "channel".
   """
   B, HV, nc, C, K = q.shape
   V = v.shape[-1]
@@ -90,6 +90,36 @@ def prepare(cfg: KernelConfig, q, k, v, beta, gate_kind, gates):
   kernel = functools.partial(_prepare_kernel, gate_kind=gate_kind, sub=cfg.sub_block)
   return pl.pallas_call(
       kernel, out_shape=outs, grid=lead, in_specs=[spec(x.shape) for x in ins],
+      out_specs=[spec(o.shape) for o in outs], interpret=cfg.interpret,
+      compiler_params=cfg.compiler_params(("parallel",) * 3))(*ins)
+
+
+def _prepare_backward_kernel(*refs, gate_kind, sub):
+  n_gate = {None: 0, "head": 1, "channel": 1}[gate_kind]
+  n_in = 4 + n_gate + 6
+  q, k, v, beta, *rest = (r[...] for r in refs[:n_in])
+  gate = (gate_kind, *rest[:n_gate]) if gate_kind else None
+  grads = maths.prepare_backward(q, k, v, beta, gate, rest[n_gate:], sub=sub)
+  for ref, x in zip(refs[n_in:], grads):
+    ref[...] = x
+
+
+def prepare_backward(cfg: KernelConfig, q, k, v, beta, gate_kind, gates, cts):
+  """vjp of `prepare`, recomputing it per chunk: dq, dk, dv, dbeta [.., C, 1] and dg.
+
+  Inputs as `prepare`; cts = (dQg, dKd, dW, dU, dD, dAttn) shaped like its outputs.
+  dg is [.., 1, C] for gate_kind "head", [.., C, K] for "channel" (absent for None).
+  """
+  B, HV, nc, C, K = q.shape
+  ins = (q, k, v, beta, *gates, *cts)
+  shapes = [q.shape, k.shape, v.shape, beta.shape]
+  if gate_kind:
+    shapes.append(gates[0].shape)
+  outs = [jax.ShapeDtypeStruct(s, _F32) for s in shapes]
+  spec = lambda shape: _spec(shape, lambda c: c, loop=False)
+  kernel = functools.partial(_prepare_backward_kernel, gate_kind=gate_kind, sub=cfg.sub_block)
+  return pl.pallas_call(
+      kernel, out_shape=outs, grid=(B, HV, nc), in_specs=[spec(x.shape) for x in ins],
       out_specs=[spec(o.shape) for o in outs], interpret=cfg.interpret,
       compiler_params=cfg.compiler_params(("parallel",) * 3))(*ins)
 

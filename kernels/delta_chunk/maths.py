@@ -55,63 +55,107 @@ def select_rows(n: int, C: int, first: int):
   return (_iota((n, C), 1) == _iota((n, C), 0) + first).astype(_F32)
 
 
-def cumsum_head(g_col, g_row):
-  """Inclusive cumulative sums of one gate per token, as a column and as a row.
+def _eye(C: int):
+  return _iota((C, C), 0) == _iota((C, C), 1)
 
-  g_col [C, 1] and g_row [1, C] hold the same C log-gates. Returns (G_col [C, 1], G_row [1, C],
-  G_last [1, 1]), by masked reductions (the matmul by a lower-triangular ones matrix).
+
+def col_to_row(x):
+  """[C, 1] -> [1, C] without a transpose (a masked reduction)."""
+  return jnp.sum(jnp.where(_eye(x.shape[0]), x, 0.0), axis=0, keepdims=True)
+
+
+def row_to_col(x):
+  """[1, C] -> [C, 1] without a transpose."""
+  return jnp.sum(jnp.where(_eye(x.shape[1]), x, 0.0), axis=1, keepdims=True)
+
+
+def segment_matrix(n: int, first: int = 0, last: int | None = None):
+  """[n * n, n] 0/1 matrix: row (i, j) selects the tokens t with j < t <= i (and first <= t <=
+  last), so that (M @ g)[(i, j)] is the segment sum of g between j and i."""
+  last = n - 1 if last is None else last
+  r, t = _iota((n * n, n), 0), _iota((n * n, n), 1)
+  shift = n.bit_length() - 1
+  i, j = r >> shift, r & (n - 1)
+  return ((j < t) & (t <= i) & (t >= first) & (t <= last)).astype(_F32)
+
+
+def head_gate_sums(g_row):
+  """Sums of one log-gate per token, g_row [1, C], each formed from only the terms it covers.
+
+  Returns G_col [C, 1] (sum over t <= i: the decay from the chunk start), rest_col [C, 1]
+  (sum over t > i: the decay to the chunk end), seg [C, C] (sum over j < t <= i: the decay
+  from token j to token i) and G_last [1, 1]. Differences of running sums would lose
+  |G| * eps of absolute precision (|G| reaches hundreds with strong gates), which shows up as
+  ~1e-5 relative error in dg; segment sums do not (cf. deltajax.ops.chunk._segment_sums).
   """
-  C = g_col.shape[0]
-  lower = tril(C, True)
-  G_col = jnp.sum(jnp.where(lower, g_row, 0.0), axis=1, keepdims=True)
-  upper = _iota((C, C), 0) <= _iota((C, C), 1)
-  G_row = jnp.sum(jnp.where(upper, g_col, 0.0), axis=0, keepdims=True)
-  G_last = jnp.sum(g_col, axis=0, keepdims=True)
-  return G_col, G_row, G_last
+  C = g_row.shape[1]
+  i, j = _iota((C, C), 0), _iota((C, C), 1)
+  G_col = jnp.sum(jnp.where(j <= i, g_row, 0.0), axis=1, keepdims=True)
+  rest_col = jnp.sum(jnp.where(j > i, g_row, 0.0), axis=1, keepdims=True)
+  terms = jnp.where(i > j, row_to_col(g_row), 0.0)                 # [t, j]: g_t for t > j
+  seg = mm(tril(C, True).astype(_F32), terms)                      # [i, j]
+  G_last = jnp.sum(g_row, axis=1, keepdims=True)
+  return G_col, rest_col, seg, G_last
 
 
-def cumsum_channel(g):
-  """g [C, K] -> (G [C, K] inclusive cumsum along C, G_last [1, K]) by a triangular matmul."""
+def channel_gate_sums(g):
+  """g [C, K] -> (G [C, K] sum over t <= i, rest [C, K] sum over t > i, G_last [1, K])."""
   C = g.shape[0]
   G = mm(tril(C, True).astype(_F32), g)
-  return G, mm(select_rows(1, C, C - 1), G)
+  rest = mm((_iota((C, C), 0) < _iota((C, C), 1)).astype(_F32), g)
+  return G, rest, jnp.sum(g, axis=0, keepdims=True)
 
 
-def head_scores(a, b, G_col, G_row, *, diagonal: bool):
-  """[C, C]: (a b^T)_ij exp(G_i - G_j) on the lower triangle, else 0. G_* None: no gate."""
+def head_scores(a, b, seg, *, diagonal: bool):
+  """[C, C]: (a b^T)_ij exp(seg_ij) on the lower triangle, else 0. seg None: no gate."""
   C = a.shape[0]
   s = mm_nt(a, b)
-  if G_col is not None:
-    s = s * jnp.exp(jnp.minimum(G_col - G_row, 0.0))
+  if seg is not None:
+    s = s * jnp.exp(jnp.minimum(seg, 0.0))
   return jnp.where(tril(C, diagonal), s, 0.0)
 
 
-def channel_scores(a, b, G, *, diagonal: bool, sub: int):
-  """[C, C]: sum_d a_id b_jd exp(G_id - G_jd) on the lower triangle, else 0.
+def _channel_tile(g, I: int, s: int):
+  """Gate factors of row tile I (rows r0 .. r0 + s - 1) for per-channel log-gates g [C, K].
 
-  No exponent is ever positive, so any gates in (-inf, 0] stay finite: inside a diagonal
-  s x s tile the exponents G_i - G_j (i >= j) are formed exactly (an [s, s, K] product); for a
-  row tile starting at r0 and columns j < r0 the score goes through the reference row
-  r = r0 - 1: exp(G_i - G_r) exp(G_r - G_j), both factors <= 1.
+  Returns (E [s, C] the tile's row selector, M2 [s*s, s] the tile's segment matrix,
+  e3 [s, s, K] = exp(sum_{j < t <= i} g_t) for i, j in the tile, and for I > 0
+  eL [s, K] = exp(sum_{r0 <= t <= i} g_t), Mr [C, C] selecting j < t < r0 and
+  eR [C, K] = exp(sum_{j < t < r0} g_t) for j < r0, else 0).
+  """
+  C, K = g.shape
+  r0 = I * s
+  E = select_rows(s, C, r0)
+  gI = mm(E, g)
+  M2 = segment_matrix(s)
+  e3 = jnp.exp(jnp.minimum(mm(M2, gI).reshape(s, s, K), 0.0))
+  if not I:
+    return E, M2, e3, None, None, None
+  eL = jnp.exp(jnp.minimum(mm(tril(s, True).astype(_F32), gI), 0.0))
+  t, j = _iota((C, C), 1), _iota((C, C), 0)
+  Mr = ((j < t) & (t < r0)).astype(_F32)
+  eR = jnp.where(_iota((C, 1), 0) < r0, jnp.exp(jnp.minimum(mm(Mr, g), 0.0)), 0.0)
+  return E, M2, e3, eL, Mr, eR
+
+
+def channel_scores(a, b, g, *, diagonal: bool, sub: int):
+  """[C, C]: sum_d a_id b_jd exp(sum_{j < t <= i} g_td) on the lower triangle, else 0.
+
+  Inside a diagonal s x s tile the [s, s, K] factors are formed exactly; for a row tile
+  starting at r0 and columns j < r0 the score factors at r0: exp(g over [r0, i]) exp(g over
+  (j, r0)), both <= 1, so any gates in (-inf, 0] stay finite.
   """
   C, K = a.shape
   s = min(sub, C)
-  row = _iota((C, 1), 0)
   inner = tril(s, diagonal)[:, :, None]
   out = jnp.zeros((C, C), _F32)
   for I in range(C // s):
-    r0 = I * s
-    E = select_rows(s, C, r0)                                     # [s, C]
-    aI, bI, GI = mm(E, a), mm(E, b), mm(E, G)                     # [s, K]
-    expo = jnp.minimum(GI[:, None, :] - GI[None, :, :], 0.0)      # [s, s, K]
-    tile = jnp.sum(aI[:, None, :] * bI[None, :, :] * jnp.where(inner, jnp.exp(expo), 0.0),
-                   axis=-1)                                       # [s, s]
+    E, _, e3, eL, _, eR = _channel_tile(g, I, s)
+    aI, bI = mm(E, a), mm(E, b)                                   # [s, K]
+    tile = jnp.sum(aI[:, None, :] * bI[None, :, :] * jnp.where(inner, e3, 0.0), axis=-1)
     strip = mm(tile, E)                                           # [s, C], columns r0..r0+s
     if I:
-      G_ref = mm(select_rows(1, C, r0 - 1), G)                    # [1, K]
-      left = aI * jnp.exp(jnp.minimum(GI - G_ref, 0.0))
-      right = jnp.where(row < r0, b * jnp.exp(jnp.minimum(G_ref - G, 0.0)), 0.0)
-      strip = strip + mm_nt(left, right)
+      strip = strip + mm_nt(aI * eL, b * eR)
     out = out + mm_tn(E, strip)
   return out
 
@@ -139,36 +183,148 @@ def unit_lower_inverse(A):
   return P
 
 
+class _Gated:
+  """The gate's view of one chunk: elementwise factors and the score function.
+
+  eQ multiplies q and k into Qg and Kg (exp(G)); eD multiplies k into Kd (exp(rest), the
+  decay to the chunk end); D [1, K] is exp(G_last). One gate per token: [C, 1] factors.
+  """
+
+  def __init__(self, gate, C: int, K: int, sub: int):
+    self.kind = None if gate is None else gate[0]
+    self.sub = sub
+    if gate is None:
+      self.eQ = self.eD = jnp.ones((C, 1), _F32)
+      self.D = jnp.ones((1, K), _F32)
+    elif self.kind == "head":
+      G_col, rest_col, self.seg, G_last = head_gate_sums(gate[1])
+      self.eQ, self.eD = jnp.exp(G_col), jnp.exp(rest_col)
+      self.D = jnp.broadcast_to(jnp.exp(G_last), (1, K))
+    else:
+      self.g = gate[1]
+      G, rest, G_last = channel_gate_sums(self.g)
+      self.eQ, self.eD, self.D = jnp.exp(G), jnp.exp(rest), jnp.exp(G_last)
+
+  def scores(self, a, b, diagonal: bool):
+    if self.kind == "channel":
+      return channel_scores(a, b, self.g, diagonal=diagonal, sub=self.sub)
+    return head_scores(a, b, self.seg if self.kind else None, diagonal=diagonal)
+
+
+def _forward_parts(q, k, v, beta, gate, sub):
+  C, K = q.shape
+  gt = _Gated(gate, C, K, sub)
+  Kg = k * gt.eQ
+  S_kk = gt.scores(k, k, False)
+  P = unit_lower_inverse(beta * S_kk)
+  return gt, Kg, S_kk, P, mm(P, beta * Kg), mm(P, beta * v)
+
+
 def prepare(q, k, v, beta, gate, *, sub: int):
   """Per-chunk quantities of the WY form.
 
   Args:
     q, k: [C, K] (q scaled); v: [C, V]; beta: [C, 1].
-    gate: None, ("head", g_col [C, 1], g_row [1, C]) or ("channel", g [C, K]).
+    gate: None, ("head", g_row [1, C]) or ("channel", g [C, K]).
   Returns:
     Qg, Kd, W [C, K]; U [C, V]; D [1, K] (the chunk's decay of each key row of S);
     Attn [C, C] (intra-chunk output scores, diagonal included).
   """
+  gt, _, _, _, W, U = _forward_parts(q, k, v, beta, gate, sub)
+  return q * gt.eQ, k * gt.eD, W, U, gt.D, gt.scores(q, k, True)
+
+
+def head_scores_backward(a, b, seg, dS, *, diagonal: bool):
+  """vjp of `head_scores` for cotangent dS [C, C]: (da, db, and the gates' part of dg [1, C]).
+
+  The pair (i > j) depends on g_t for j < t <= i, so its H_ij = dS_ij S_ij goes to exactly
+  those dg_t: summing the pairs straddling t never adds and cancels O(1) terms.
+  """
+  C = a.shape[0]
+  M = tril(C, diagonal).astype(_F32)
+  if seg is not None:
+    M = M * jnp.exp(jnp.minimum(seg, 0.0))
+  X = dS * M
+  da, db = mm(X, b), mm_tn(X, a)
+  if seg is None:
+    return da, db, None
+  H = jnp.where(tril(C, False), X * mm_nt(a, b), 0.0)
+  i, t = _iota((C, C), 0), _iota((C, C), 1)
+  R = mm(H, (i < t).astype(_F32))                                  # R_it = sum_{j<t} H_ij
+  return da, db, jnp.sum(jnp.where(i >= t, R, 0.0), axis=0, keepdims=True)
+
+
+def channel_scores_backward(a, b, g, dS, *, diagonal: bool, sub: int):
+  """vjp of `channel_scores` for cotangent dS [C, C]: (da, db, dg), each [C, K].
+
+  Each factor's gradient goes straight to the g_t it sums (the transposed segment matrices),
+  so dg is never a difference of large running sums.
+  """
+  C, K = a.shape
+  s = min(sub, C)
+  inner = tril(s, diagonal)[:, :, None]
+  tail_s = tril(s, True).astype(_F32)
+  da, db, dg = (jnp.zeros((C, K), _F32) for _ in range(3))
+  for I in range(C // s):
+    E, M2, e3, eL, Mr, eR = _channel_tile(g, I, s)
+    aI, bI = mm(E, a), mm(E, b)
+    dSI = mm(E, dS)                                               # [s, C]: this row tile
+    T3 = mm_nt(dSI, E)[:, :, None] * jnp.where(inner, e3, 0.0)    # [s, s, K]
+    daI = jnp.sum(T3 * bI[None, :, :], axis=1)
+    dbI = jnp.sum(T3 * aI[:, None, :], axis=0)
+    H3 = jnp.where(tril(s, False)[:, :, None], T3 * aI[:, None, :] * bI[None, :, :], 0.0)
+    dgI = mm_tn(M2, H3.reshape(s * s, K))                         # [s, K]
+    if I:
+      left, right = aI * eL, b * eR
+      dleft, dright = mm(dSI, right), mm_tn(dSI, left)            # [s, K], [C, K]
+      daI = daI + dleft * eL
+      db = db + dright * eR
+      dgI = dgI + mm_tn(tail_s, dleft * left)
+      dg = dg + mm_tn(Mr, dright * right)
+    da, db, dg = da + mm_tn(E, daI), db + mm_tn(E, dbI), dg + mm_tn(E, dgI)
+  return da, db, dg
+
+
+def prepare_backward(q, k, v, beta, gate, cts, *, sub: int):
+  """vjp of `prepare` (recomputing it): cotangents of (q, k, v, beta, gate arrays).
+
+  cts = (dQg, dKd, dW, dU, dD, dAttn) shaped like `prepare`'s outputs. Returns dq, dk [C, K],
+  dv [C, V], dbeta [C, 1] and dg: None, [1, C] (one gate per token) or [C, K].
+  """
+  dQg, dKd, dW, dU, dD, dAttn = cts
   C, K = q.shape
-  if gate is None:
-    scores = lambda a, b, d: head_scores(a, b, None, None, diagonal=d)
-    Qg, Kg, Kd = q, k, k
-    D = jnp.ones((1, K), _F32)
-  elif gate[0] == "head":
-    G_col, G_row, G_last = cumsum_head(gate[1], gate[2])
-    scores = lambda a, b, d: head_scores(a, b, G_col, G_row, diagonal=d)
-    Qg, Kg, Kd = q * jnp.exp(G_col), k * jnp.exp(G_col), k * jnp.exp(G_last - G_col)
-    D = jnp.broadcast_to(jnp.exp(G_last), (1, K))
+  gt, Kg, S_kk, P, W, U = _forward_parts(q, k, v, beta, gate, sub)
+  dRw, dRu = mm_tn(P, dW), mm_tn(P, dU)                           # through W = P (beta Kg)
+  dA = jnp.where(tril(C, False), -(mm_nt(dRw, W) + mm_nt(dRu, U)), 0.0)
+  dbeta = jnp.sum(dRw * Kg, axis=1, keepdims=True) + jnp.sum(dRu * v, axis=1, keepdims=True)
+  dbeta = dbeta + jnp.sum(dA * S_kk, axis=1, keepdims=True)
+  dv = beta * dRu
+  dKg, dS_kk = beta * dRw, beta * dA
+  dq = dQg * gt.eQ
+  dk = dKg * gt.eQ + dKd * gt.eD
+  if gt.kind == "channel":
+    bwd = lambda a, b, d, diag: channel_scores_backward(a, b, gt.g, d, diagonal=diag, sub=sub)
   else:
-    G, G_last = cumsum_channel(gate[1])
-    scores = lambda a, b, d: channel_scores(a, b, G, diagonal=d, sub=sub)
-    Qg, Kg = q * jnp.exp(G), k * jnp.exp(G)
-    Kd = k * jnp.exp(jnp.minimum(G_last - G, 0.0))
-    D = jnp.exp(G_last)
-  A = beta * scores(k, k, False)
-  Attn = scores(q, k, True)
-  P = unit_lower_inverse(A)
-  return Qg, Kd, mm(P, beta * Kg), mm(P, beta * v), D, Attn
+    seg = gt.seg if gt.kind else None
+    bwd = lambda a, b, d, diag: head_scores_backward(a, b, seg, d, diagonal=diag)
+  da_k, db_k, dg_A = bwd(k, k, dS_kk, False)
+  da_q, db_q, dg_O = bwd(q, k, dAttn, True)
+  dq, dk = dq + da_q, dk + da_k + db_k + db_q
+  if gt.kind is None:
+    return dq, dk, dv, dbeta, None
+  # g_t enters exp(G_i) (Qg, Kg) for t <= i, exp(rest_i) (Kd) for t > i, exp(G_last) (D) for
+  # every t, and the scores for j < t <= i: each term goes straight to the g_t it covers.
+  HQK, HD = dQg * q * gt.eQ + dKg * Kg, dKd * k * gt.eD
+  if gt.kind == "channel":
+    dg = (mm_tn(tril(C, True).astype(_F32), HQK) + mm(tril(C, False).astype(_F32), HD)
+          + dD * gt.D + dg_A + dg_O)
+    return dq, dk, dv, dbeta, dg
+  hqk, hd = jnp.sum(HQK, axis=1, keepdims=True), jnp.sum(HD, axis=1, keepdims=True)
+  i, m = _iota((C, C), 0), _iota((C, C), 1)
+  dg = (jnp.sum(jnp.where(i >= m, hqk, 0.0), axis=0, keepdims=True)          # [1, C]
+        + jnp.sum(jnp.where(i < m, hd, 0.0), axis=0, keepdims=True)
+        + jnp.sum(dD * gt.D, keepdims=True) + dg_A + dg_O)
+  return dq, dk, dv, dbeta, dg
 
 
 def forward_step(ST, Qg, Kd, W, U, D, Attn):
