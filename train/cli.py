@@ -96,11 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"deltajax-train: error: {e}", file=sys.stderr)
     return 2
   if jax.process_index() == 0:
-    print(summary(result))
+    print(summary(result, tensorboard=config.run.tensorboard))
   return 0
 
 
-def summary(result) -> str:
+def summary(result, tensorboard: bool = True) -> str:
   acc = {k.split("@")[1]: v for k, v in result.eval.items() if k.startswith("eval/accuracy@")}
   lines = [f"done: step {result.step}",
            "held-out accuracy: " + ", ".join(f"{v:.2%} at length {n}" for n, v in acc.items())]
@@ -109,7 +109,8 @@ def summary(result) -> str:
     lines.append("held-out final-position accuracy: "
                  + ", ".join(f"{v:.2%} at length {n}" for n, v in last.items()))
   lines.append(f"checkpoint: {result.checkpoint_dir}")
-  lines.append(f"metrics: {result.workdir}/metrics.jsonl (TensorBoard: {result.workdir}/tb)")
+  tb = f" (TensorBoard: {result.workdir}/tb)" if tensorboard else ""
+  lines.append(f"metrics: {result.workdir}/metrics.jsonl{tb}")
   if result.plot:
     lines.append(f"plot: {result.plot}")
   return textwrap.dedent("\n".join(lines))

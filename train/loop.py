@@ -279,7 +279,8 @@ def train_and_evaluate(config: Config, workdir: str, *, mesh=None, quiet: bool =
   schedule = learning_rate(config.optim, run.steps)
   losses: list[float] = []
   window: dict[str, float] = {}
-  n_window, t_window = 0, time.time()
+  # Throughput counts steps after the first one of this process (which includes compiling).
+  n_window, n_timed, t_window = 0, 0, time.time()
   last_eval: dict[str, float] = {}
   step = start
   try:
@@ -296,20 +297,25 @@ def train_and_evaluate(config: Config, workdir: str, *, mesh=None, quiet: bool =
       for k, v in m.items():
         window[k] = window.get(k, 0.0) + v
       n_window += 1
+      n_timed += 1
+      if step == start + 1:
+        n_timed, t_window = 0, time.time()
       if step % run.log_every == 0 or step == run.steps:
         dt = time.time() - t_window
         rec = {"step": step, **{k: v / n_window for k, v in window.items()},
-               "lr": float(schedule(step - 1)), "tokens_per_s": n_window * tokens_per_step / dt}
-        if flops_tok and peak:
+               "lr": float(schedule(step - 1))}
+        if n_timed:
+          rec["tokens_per_s"] = n_timed * tokens_per_step / dt
+        if flops_tok and peak and n_timed:
           rec["mfu"] = rec["tokens_per_s"] * flops_tok / (peak * trainer.mesh.size)
         writer.write(rec)
         writer.progress(rec)
-        window, n_window, t_window = {}, 0, time.time()
+        window, n_window, n_timed, t_window = {}, 0, 0, time.time()
       if run.eval_every and step % run.eval_every == 0 and step != run.steps:
         last_eval = trainer.evaluate(state.params)
         writer.write({"step": step, **last_eval})
         writer.progress({"step": step, **last_eval})
-        t_window = time.time()
+        n_timed, t_window = 0, time.time()
       if run.stop_at and step == run.stop_at:
         say(f"stopping at step {step} (run.stop_at) without a final checkpoint")
         ckpt.close()
