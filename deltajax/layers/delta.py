@@ -85,8 +85,10 @@ class DeltaMixerBase(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  output_gate_activation = "silu"  # class constants, not fields
+  # Class constants (not fields), overridden by subclasses.
+  output_gate_activation = "silu"
   uses_beta = True
+  bounded_packing = True  # the op's cost grows with the number of documents it is told about
 
   @property
   def num_steps(self) -> int:
@@ -130,8 +132,6 @@ class DeltaMixerBase(nn.Module):
     raise NotImplementedError
 
   # --- shared body --------------------------------------------------------------------------
-  bounded_packing = True  # the op's cost grows with the number of documents it is told about
-
   def _packed(self, q, k, v, beta, g, segment_ids):
     """The op on each row of a packed batch (vmapped), documents given as cu_seqlens.
 
