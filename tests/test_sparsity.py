@@ -74,10 +74,11 @@ def test_statistical_soft_subtracts_threshold():
   np.testing.assert_array_equal(np.asarray(y) > 0, np.asarray(hard))
 
 
-def test_statistical_keeps_all_when_k_is_width():
+@pytest.mark.parametrize("soft", [False, True])
+def test_statistical_keeps_all_when_k_is_width(soft):
   x = _normal(5, (3, 10))
-  np.testing.assert_array_equal(np.asarray(S.topk(x, S.TopKConfig(k=10, method="statistical"))),
-                                np.asarray(x))
+  cfg = S.TopKConfig(k=10, method="statistical", soft=soft)
+  np.testing.assert_array_equal(np.asarray(S.topk(x, cfg)), np.asarray(x))
 
 
 def test_fatrelu():

@@ -116,8 +116,10 @@ def topk_mask(x, k: int | float = 0.1, *, method: str = "exact", threshold: floa
 
 def topk(x, config: TopKConfig = TopKConfig()):
   """Sparsified x [..., d] (same dtype): zeros outside the kept entries, see the module doc."""
-  _check_x(x)
-  if config.method == "statistical" and config.soft:
+  d = _check_x(x)
+  if config.method != "fatrelu" and checks.resolve_k(config.k, d) == d:
+    y = x  # keep everything (a soft threshold of -inf would be degenerate)
+  elif config.method == "statistical" and config.soft:
     thr = lax.stop_gradient(statistical_threshold(x, config.k))
     y = jnp.maximum(x.astype(jnp.float32) - thr, 0.0).astype(x.dtype)
   else:
