@@ -1,9 +1,9 @@
 """In-kernel maths of one chunk, on 2-D float32 values (no refs, no backend specifics).
 
 Only operations every Pallas backend lowers are used: 2-D matmuls (plain, A B^T, A^T B),
-elementwise ops, iota masks, reductions and one small 3-D broadcast (per-channel gates).
-No cumsum (Mosaic TPU lacks it: cumulative gates come from a lower-triangular matmul or a masked
-reduction), no triangular_solve (no backend lowers it: the unit-lower-triangular inverse is
+elementwise ops, iota masks, reductions and, for per-channel gates, [s, s, K] broadcasts and
+one [s*s, K] -> [s, s, K] reshape. No cumsum (Mosaic TPU lacks it: gate sums come from matmuls
+by 0/1 triangular or segment matrices, or masked reductions), no triangular_solve (no backend lowers it: the unit-lower-triangular inverse is
 built by block doubling), no slicing of values (Triton cannot: row blocks are selected by 0/1
 matmuls, exact at HIGHEST precision).
 
@@ -69,14 +69,13 @@ def row_to_col(x):
   return jnp.sum(jnp.where(_eye(x.shape[1]), x, 0.0), axis=1, keepdims=True)
 
 
-def segment_matrix(n: int, first: int = 0, last: int | None = None):
-  """[n * n, n] 0/1 matrix: row (i, j) selects the tokens t with j < t <= i (and first <= t <=
-  last), so that (M @ g)[(i, j)] is the segment sum of g between j and i."""
-  last = n - 1 if last is None else last
+def segment_matrix(n: int):
+  """[n * n, n] 0/1 matrix: row (i, j) selects the tokens t with j < t <= i, so that
+  (M @ g)[(i, j)] is the segment sum of g from token j (excluded) to token i."""
   r, t = _iota((n * n, n), 0), _iota((n * n, n), 1)
   shift = n.bit_length() - 1
   i, j = r >> shift, r & (n - 1)
-  return ((j < t) & (t <= i) & (t >= first) & (t <= last)).astype(_F32)
+  return ((j < t) & (t <= i)).astype(_F32)
 
 
 def head_gate_sums(g_row):
