@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 from jax.experimental import pallas as pl
@@ -36,7 +37,9 @@ class KernelConfig:
 
   Attributes:
     backend: "tpu", "gpu" or "cpu"; picks the compiler params.
-    interpret: run the kernels in the Pallas interpreter (always on CPU).
+    interpret: run the kernels in the Pallas interpreter (always on CPU): True, or a
+      `pltpu.InterpretParams(...)` for the TPU interpreter (simulated VMEM/SMEM, uninitialised
+      memory as NaN, out-of-bounds and race checks) with `sequential="grid"`.
     sequential: "grid" (chunk axis in the grid, state in a scratch buffer; TPU) or "loop"
       (chunk loop inside one program per (batch, head), state in registers; GPU).
     sub_block: row block of the per-channel (KDA) gate scores; exponents are formed exactly
@@ -49,7 +52,7 @@ class KernelConfig:
   the full dims) for any K and V; the GPU lowering needs C, K and V to be powers of two.
   """
   backend: str = "cpu"
-  interpret: bool = True
+  interpret: Any = True
   sequential: str = "grid"
   sub_block: int = 16
   num_warps: int = 4

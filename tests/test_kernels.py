@@ -63,18 +63,26 @@ def _chunked_inputs(gate, *, B=1, T=50, HV=2, K=16, V=8, seed=3):
   return q, k, v, beta, g
 
 
-def test_loop_mode_matches_chunk_form():
-  """The GPU structure (chunk loop inside the program) on packed sequences, values and vjp.
+def _tpu_interpreter():
+  from jax.experimental.pallas import tpu as pltpu
+  # Simulated TPU memory spaces: the VMEM scratch starts as NaN, out-of-bounds reads raise.
+  return pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_reads="raise")
 
-  The state passes are the same for every gate kind; per-channel gates with sub_block=8 also
-  take the cross-tile path of the scores on chunks of 16.
+
+@pytest.mark.parametrize("mode", ["loop", "tpu_interpreter"])
+def test_kernel_modes_match_chunk_form(mode):
+  """Packed sequences, per-channel gates, values and vjp, against the pure-JAX chunk form.
+
+  "loop" is the GPU structure (chunk loop inside the program; sub_block=8 also takes the
+  cross-tile path of the KDA scores on chunks of 16); "tpu_interpreter" runs the TPU
+  structure (chunk grid axis, state in a VMEM scratch) in the TPU interpreter.
   """
-  gate = "channel"
-  q, k, v, beta, g = _chunked_inputs(gate)
+  cfg = (KernelConfig(sequential="loop", sub_block=8) if mode == "loop"
+         else KernelConfig(interpret=_tpu_interpreter()))
+  q, k, v, beta, g = _chunked_inputs("channel")
   cu = jnp.array([0, 20, 50], jnp.int32)
   layout = make_layout(1, 50, 16, cu)
   h0 = jax.random.normal(jax.random.PRNGKey(9), (2, 2, 16, 8))
-  cfg = KernelConfig(sequential="loop", sub_block=8)
   ours = jax.jit(lambda *a: pallas_chunk(*a, layout, cfg))
   ref = jax.jit(lambda *a: chunk(*a, layout, _HI))
   args = (q, k, v, beta, g, h0)
@@ -83,7 +91,7 @@ def test_loop_mode_matches_chunk_form():
   cts = tuple(jax.random.normal(jax.random.PRNGKey(i), x.shape) for i, x in enumerate(out))
   for name, a, b in zip(("o", "final", "dq", "dk", "dv", "dbeta", "dg", "dh0"),
                         (*out, *vjp(cts)), (*out_r, *vjp_r(cts))):
-    assert_close(a, b, TOL[jnp.float32], f"loop mode {gate} {name}")
+    assert_close(a, b, TOL[jnp.float32], f"{mode} {name}")
 
 
 def _neumann_inverse(A):
