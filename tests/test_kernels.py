@@ -158,3 +158,49 @@ def test_gpu_needs_power_of_two_dims():
   cfg = KernelConfig(backend="gpu", interpret=False, sequential="loop")
   with pytest.raises(ValueError, match="power of two; got 24. Use impl='chunk'"):
     pallas_chunk(q, k, v, beta, g, h0, layout, cfg)
+
+
+_SHARD_MAP_SCRIPT = r'''
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import sys
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+sys.path.insert(0, sys.argv[1])
+from conftest import make_inputs, rel_rms
+from deltajax import ops
+shard_map = getattr(jax, "shard_map", None)
+if shard_map is None:  # jax < 0.6
+  from jax.experimental.shard_map import shard_map
+mesh = jax.make_mesh((2,), ("h",))
+(q, k, v, g, beta), h0 = make_inputs("gated_delta_rule", B=1, T=20, H=2)
+plain = (q, k, v, g, beta, h0)
+def op(impl):
+  return lambda q, k, v, g, beta, h0: ops.gated_delta_rule(
+      q, k, v, g, beta, initial_state=h0, output_final_state=True, impl=impl, chunk_size=16)
+heads, state = P(None, None, "h"), P(None, "h")
+# check_vma=False: the Pallas interpreter (jax 0.10.2) cannot evaluate kernels on varying values.
+sharded = shard_map(op("pallas"), mesh=mesh, in_specs=(heads,) * 5 + (state,),
+                    out_specs=(heads, state), check_vma=False)
+args = tuple(jax.device_put(x, NamedSharding(mesh, heads)) for x in plain[:5])
+args += (jax.device_put(h0, NamedSharding(mesh, state)),)
+loss = lambda fn: lambda *a: sum(jnp.sum(x * jnp.sin(x)) for x in fn(*a))
+grad = lambda fn: jax.jit(jax.grad(loss(fn), argnums=tuple(range(6))))
+ours = (*jax.jit(sharded)(*args), *grad(sharded)(*args))
+ref = (*jax.jit(op("chunk"))(*plain), *grad(op("chunk"))(*plain))
+errs = [rel_rms(a, b) for a, b in zip(ours, ref)]
+assert max(errs) < 1e-5, errs
+print("OK", errs)
+'''
+
+
+def test_runs_under_shard_map_over_heads():
+  """impl="pallas" inside shard_map over 2 (fake CPU) devices, heads split, values and grads."""
+  import os
+  import subprocess
+  import sys
+  tests = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  run = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT, tests], env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0 and "OK" in run.stdout, run.stdout + run.stderr[-3000:]

@@ -1,7 +1,7 @@
 """`pallas_chunk`: the chunkwise delta rule on Pallas kernels, with a recomputing custom_vjp.
 
 What runs where:
-* forward: `calls.prepare` (Pallas: gate cumsum, scores, block-doubling inverse, W, U per chunk)
+* forward: `calls.prepare` (Pallas: gate sums, scores, block-doubling inverse, W, U per chunk)
   then `calls.forward` (Pallas: the state pass with the state on chip, outputs fused in).
 * backward: `calls.prepare` (Pallas) recomputes the per-chunk quantities, `calls.backward`
   (Pallas) runs the reverse pass over chunks with dS on chip and emits every per-chunk

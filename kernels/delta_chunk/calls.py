@@ -1,4 +1,4 @@
-"""The `pallas_call`s: per-chunk preparation, the forward state pass, the reverse state pass.
+"""The `pallas_call`s: per-chunk preparation and its vjp, the forward and reverse state passes.
 
 Arrays are chunk-major per head: [B, HV, nc, X, Y] with one [X, Y] block per (b, h, chunk).
 Per-token vectors are stored as [.., C, 1] columns (beta) or [.., 1, C] rows (per-head gates)
@@ -58,6 +58,22 @@ def _store(ref, c, x):
     ref[0] = x
 
 
+def _out(shape, like):
+  """float32 ShapeDtypeStruct that varies over the same manual mesh axes as `like`.
+
+  Inside `shard_map` with check_vma=True, pallas_call needs to be told how its outputs vary:
+  jax >= 0.10 spells it `manual_axis_type=`, jax 0.7-0.9 `vma=`; elsewhere nothing is added.
+  """
+  aval = jax.typeof(like) if hasattr(jax, "typeof") else None
+  for field in ("manual_axis_type", "vma"):
+    if aval is not None and hasattr(aval, field):
+      try:
+        return jax.ShapeDtypeStruct(shape, _F32, **{field: getattr(aval, field)})
+      except TypeError:
+        continue
+  return jax.ShapeDtypeStruct(shape, _F32)
+
+
 def _scratch(cfg: KernelConfig, shape):
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   return [pltpu.VMEM(shape, _F32)]
@@ -84,8 +100,7 @@ def prepare(cfg: KernelConfig, q, k, v, beta, gate_kind, gates):
   V = v.shape[-1]
   ins = (q, k, v, beta, *gates)
   lead = (B, HV, nc)
-  outs = [jax.ShapeDtypeStruct(lead + s, _F32)
-          for s in ((C, K), (C, K), (C, K), (C, V), (1, K), (C, C))]
+  outs = [_out(lead + s, q) for s in ((C, K), (C, K), (C, K), (C, V), (1, K), (C, C))]
   spec = lambda shape: _spec(shape, lambda c: c, loop=False)
   kernel = functools.partial(_prepare_kernel, gate_kind=gate_kind, sub=cfg.sub_block)
   return pl.pallas_call(
@@ -115,7 +130,7 @@ def prepare_backward(cfg: KernelConfig, q, k, v, beta, gate_kind, gates, cts):
   shapes = [q.shape, k.shape, v.shape, beta.shape]
   if gate_kind:
     shapes.append(gates[0].shape)
-  outs = [jax.ShapeDtypeStruct(s, _F32) for s in shapes]
+  outs = [_out(s, q) for s in shapes]
   spec = lambda shape: _spec(shape, lambda c: c, loop=False)
   kernel = functools.partial(_prepare_backward_kernel, gate_kind=gate_kind, sub=cfg.sub_block)
   return pl.pallas_call(
@@ -155,8 +170,7 @@ def forward(cfg: KernelConfig, start, h0T, p):
   B, HV, nc, C, K = p[0].shape
   V = p[3].shape[-1]
   loop = cfg.sequential == "loop"
-  outs = [jax.ShapeDtypeStruct((B, HV, nc, C, V), _F32),
-          jax.ShapeDtypeStruct((B, HV, nc, V, K), _F32)]
+  outs = [_out((B, HV, nc, C, V), p[0]), _out((B, HV, nc, V, K), p[0])]
   ins = (start, h0T, *p)
   spec = lambda shape: _spec(shape, lambda c: c, loop=loop)
   grid = (B, HV) if loop else (B, HV, nc)
@@ -217,7 +231,7 @@ def backward(cfg: KernelConfig, start, next_start, h0T, ST_out, p, dO, dST_out):
   in_specs = [spec(x.shape) for x in ins]
   if not loop:
     in_specs[3] = spec(ST_out.shape, prev)
-  outs = [jax.ShapeDtypeStruct(x.shape, _F32) for x in (*p, h0T)]
+  outs = [_out(x.shape, p[0]) for x in (*p, h0T)]
   grid = (B, HV) if loop else (B, HV, nc)
   out = pl.pallas_call(
       functools.partial(_backward_kernel, nc=nc), out_shape=outs, grid=grid,
