@@ -322,3 +322,22 @@ def test_solve_unit_lower_on_nearly_parallel_keys(beta, tol):
   dA, dR = jax.grad(loss(hi), (0, 1))(A, R)
   assert_close(dA, np.tril(dA_ref, -1), tol, "dA")
   assert_close(dR, dR_ref, tol, "dR")
+
+
+@pytest.mark.parametrize("gate_scale", [1.0, 3.0])
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_factored_channel_scores_equal_the_exact_ones(gate_scale, diagonal):
+  """The per-channel gate scores have a fast factored form (used while no sub-block decays by
+  more than e^80) and an exact one for any gate: both against a float64 computation."""
+  from deltajax.ops import chunk
+  ks = jax.random.split(jax.random.PRNGKey(0), 3)
+  a, b = jax.random.normal(ks[0], (2, 3, 64, 32)), jax.random.normal(ks[1], (3, 64, 32))
+  g = -gate_scale * jax.nn.softplus(jax.random.normal(ks[2], (3, 64, 32)))
+  mask = np.tril(np.ones((64, 64), bool), 0 if diagonal else -1)
+  a64, b64, g64 = (np.asarray(x, np.float64) for x in (a, b, g))
+  G = np.cumsum(g64, axis=-2)
+  decay = np.exp(np.where(mask[..., None], G[:, :, None, :] - G[:, None, :, :], -np.inf))
+  want = np.einsum("nbik,bjk,bijk->nbij", a64, b64, decay)
+  hi = jax.lax.Precision.HIGHEST
+  for form in (chunk._channel_scores_factored, chunk._channel_scores_exact):
+    assert_close(form(a, b, g, diagonal=diagonal, precision=hi), want, 1e-5, form.__name__)

@@ -33,6 +33,9 @@ from deltajax.ops.layout import Layout
 from deltajax.ops.triangular import solve_unit_lower
 
 _SUB = 16  # sub-block of the per-channel gate scores; the diagonal blocks cost C * _SUB * K.
+# Largest decay inside one sub-block for which the factored per-channel scores stay finite:
+# their factors reach e^{+decay}, and float32 ends near e^88.
+_MAX_FACTORED_DECAY = 80.0
 
 
 class Prepared(NamedTuple):
@@ -49,6 +52,18 @@ def _tril(C: int, diagonal: bool) -> jax.Array:
   return jnp.tril(jnp.ones((C, C), bool), 0 if diagonal else -1)
 
 
+def _sum_over(mask, g, axis: int):
+  """out_i = sum_s mask[i, s] g_s along `axis`, as a matmul with a 0/1 matrix.
+
+  Cumulative gate sums are matmuls here: XLA's cumsum runs at a few ns per element on CPU and
+  Mosaic TPU has none, and a masked matmul adds only the terms it names (exact zeros elsewhere),
+  so it is as precise as a running sum. Always at HIGHEST precision: gates are never bfloat16.
+  """
+  g = jnp.moveaxis(g, axis, -1)
+  out = jnp.einsum("is,...s->...i", mask.astype(g.dtype), g, precision=lax.Precision.HIGHEST)
+  return jnp.moveaxis(out, -1, axis)
+
+
 def _segment_sums(g, axis: int):
   """seg[..., i, j, ...] = sum_{j < s <= i} g_s along `axis` (0 on and above the diagonal).
 
@@ -57,70 +72,149 @@ def _segment_sums(g, axis: int):
   which shows up as 1e-5 relative error in the gate gradients.
   """
   axis %= g.ndim
+  C = g.shape[axis]
+  s = jnp.arange(C)
+  between = (s[None, :, None] <= s[:, None, None]) & (s[None, :, None] > s[None, None, :])
   g = jnp.moveaxis(g, axis, -1)                                    # [..., C]
-  C = g.shape[-1]
-  terms = jnp.where(_tril(C, False), g[..., :, None], 0.0)        # [..., i=s, j]
-  seg = jnp.cumsum(terms, axis=-2)                                 # [..., i, j]
+  seg = jnp.einsum("isj,...s->...ij", between.astype(g.dtype), g,
+                   precision=lax.Precision.HIGHEST)                # [..., i, j]
   return jnp.moveaxis(seg, (-2, -1), (axis, axis + 1))
+
+
+def _cumulative(g, axis: int):
+  """sum_{s <= i} g_s along `axis`: the decay from the chunk start through token i."""
+  C = g.shape[axis]
+  return _sum_over(_tril(C, True), g, axis)
 
 
 def _rest_sums(g, axis: int):
   """sum_{s > i} g_s along `axis`: the decay from token i to the end of its (sub-)chunk."""
-  rev = jnp.flip(g, axis)
-  return jnp.flip(jnp.cumsum(rev, axis) - rev, axis)
+  C = g.shape[axis]
+  return _sum_over(~_tril(C, True), g, axis)
 
 
 def gated_scores(a, b, g, *, diagonal: bool, precision=None):
   """S_ij = sum_d a_id b_jd exp(sum_{j < s <= i} g_sd) for j < i (j <= i with `diagonal`).
 
   Args:
-    a, b: [..., C, K].
-    g: None, [..., C] (one log-gate per row) or [..., C, K] (per channel); g <= 0, so every
-      exponent formed here is <= 0 and any gate in (-inf, 0] stays finite.
+    a, b: [..., C, K]; a may carry extra leading axes (several row sets against one b).
+    g: None, [..., C] (one log-gate per row) or [..., C, K] (per channel); g <= 0. Any gate in
+      (-inf, 0] stays finite.
   Returns:
     [..., C, C].
   """
-  C, K = a.shape[-2:]
+  C = a.shape[-2]
   mask = _tril(C, diagonal)
-  if g is None or g.ndim == a.ndim - 1:
+  if g is None or g.ndim == b.ndim - 1:
     s = jnp.einsum("...ik,...jk->...ij", a, b, precision=precision)
     if g is not None:
       s = s * jnp.exp(jnp.where(mask, _segment_sums(g, -1), -jnp.inf))
     return jnp.where(mask, s, 0.0)
   sub = min(_SUB, C)
-  nb = C // sub
-  blocks = lambda x: x.reshape(*x.shape[:-2], nb, sub, K)
-  ab, bb, gb = blocks(a), blocks(b), blocks(g)
-  # Diagonal blocks, exactly, as an elementwise product summed over K.
-  sub_mask = _tril(sub, diagonal)[:, :, None]
-  expo = jnp.where(sub_mask, _segment_sums(gb, -2), -jnp.inf)      # [..., nb, sub, sub, K]
-  diag = jnp.sum(ab[..., :, None, :] * bb[..., None, :, :] * jnp.exp(expo), axis=-1)
-  eye = jnp.eye(nb, dtype=a.dtype)
-  scores = jnp.einsum("...Iij,IJ->...IiJj", diag, eye).reshape(*a.shape[:-2], C, C)
+  decay = -_sum_over(jnp.ones((1, sub), bool), g.reshape(*g.shape[:-2], C // sub, sub, -1), -2)
+  fits = jnp.max(decay) < _MAX_FACTORED_DECAY
+  # Rematerialised branches: differentiating a cond keeps the residuals of both branches, and
+  # the exact branch's ([..., C, sub, K]) would dominate memory even when it is not taken.
+  branch = lambda f: jax.checkpoint(functools.partial(f, diagonal=diagonal, precision=precision))
+  return lax.cond(fits, branch(_channel_scores_factored), branch(_channel_scores_exact), a, b, g)
+
+
+def _blocks(C: int):
+  """(sub-block size, number of sub-blocks, the sub-block of every position)."""
+  sub = min(_SUB, C)
+  return sub, C // sub, jnp.arange(C) // sub
+
+
+def _channel_scores_factored(a, b, g, *, diagonal: bool, precision=None):
+  """Per-channel scores as matmuls, through a reference point r(I) before each row block I.
+
+  S_ij = sum_d (a_id e^{g over (r, i]}) (b_jd e^{E_jd}) with E = g over (j, r] for j <= r
+  (<= 0) and E = -g over (r, j] for j in block I (>= 0, at most the block's decay). Valid while
+  no sub-block decays by more than _MAX_FACTORED_DECAY in any channel (e^80 fits float32).
+  """
+  C, K = a.shape[-2:]
+  sub, nb, block = _blocks(C)
+  s = jnp.arange(C)
+  ref = jnp.arange(nb) * sub - 1                                    # r(I): last token before I
+  # left exponent: g summed over the row's own block up to and including the row.
+  own = (block[:, None] == block[None, :]) & (s[None, :] <= s[:, None])
+  left = a * jnp.exp(_sum_over(own, g, -2))                         # [..., C, K]
+  # right exponent: signed sums of g between j and r(I), for every block I (0 where j > I's end).
+  after = (s[None, None, :] > s[None, :, None]) & (s[None, None, :] <= ref[:, None, None])
+  before = (s[None, None, :] > ref[:, None, None]) & (s[None, None, :] <= s[None, :, None])
+  signed = after.astype(g.dtype) - before.astype(g.dtype)           # [nb, C(j), C(s)]
+  expo = jnp.einsum("Ijs,...sk->...Ijk", signed, g, precision=lax.Precision.HIGHEST)
+  seen = block[None, :] <= jnp.arange(nb)[:, None]                  # [nb, C(j)]
+  right = b[..., None, :, :] * jnp.exp(jnp.where(seen[:, :, None], expo, -jnp.inf))
+  left = left.reshape(*a.shape[:-2], nb, sub, K)
+  scores = jnp.einsum("...Iik,...Ijk->...Iij", left, right, precision=precision)
+  return jnp.where(_tril(C, diagonal), scores.reshape(*a.shape[:-2], C, C), 0.0)
+
+
+def _diagonal_block_scores(a, b, g, sub: int, diagonal: bool):
+  """The part of the per-channel scores inside the diagonal sub-blocks, one band at a time.
+
+  Band d holds the pairs (i, i - d) of each sub-block: sum_k a_ik b_{i-d,k} e^{g over (i-d, i]}
+  (an exponent <= 0). Bands run in a rematerialised loop so that no temporary, forward or
+  backward, is larger than [..., C, K]: XLA reserves this branch's memory even when the factored
+  one runs.
+  """
+  C = a.shape[-2]
+  s = jnp.arange(C)
+  b_padded = jnp.pad(b, [(0, 0)] * (b.ndim - 2) + [(sub, 0), (0, 0)])
+
+  @jax.checkpoint
+  def band(d):
+    window = (s[None, :] > s[:, None] - d) & (s[None, :] <= s[:, None])     # (i - d, i]
+    b_d = lax.dynamic_slice_in_dim(b_padded, sub - d, C, axis=-2)           # b_{i - d}
+    value = jnp.sum(a * b_d * jnp.exp(_sum_over(window, g, -2)), axis=-1)   # [..., C]
+    return jnp.where(s % sub >= d, value, 0.0)
+
+  first = 0 if diagonal else 1
+  bands = lax.map(band, jnp.arange(first, sub))                            # [sub', ..., C]
+  i, j, d = s[None, :, None], s[None, None, :], jnp.arange(first, sub)[:, None, None]
+  return jnp.einsum("d...i,dij->...ij", bands, (i - j == d).astype(a.dtype))
+
+
+def _channel_scores_exact(a, b, g, *, diagonal: bool, precision=None):
+  """Per-channel scores for any gate: every exponent formed is <= 0.
+
+  Diagonal sub-blocks by bands (C * sub * K work); the block below column block J factors
+  through the end r of J: exp(g over (j, r]) on the column side, exp(g over (r, i]) on the row.
+  """
+  C, K = a.shape[-2:]
+  sub, nb, _ = _blocks(C)
+  scores = _diagonal_block_scores(a, b, g, sub, diagonal)
   if nb == 1:
     return scores
-  # Off-diagonal blocks (row block > column block J) factor through the end r of block J:
-  # exp(g over (j, r]) on the column side, exp(g over (r, i]) on the row side.
-  right = bb * jnp.exp(_rest_sums(gb, -2))                         # [..., nb, sub, K]
-  row_block = jnp.arange(C) // sub
-  below = row_block[None, :] > jnp.arange(nb)[:, None]             # [nb(J), C(i)]
-  after_r = jnp.cumsum(jnp.where(below[:, :, None], g[..., None, :, :], 0.0), axis=-2)
-  left = a[..., None, :, :] * jnp.exp(jnp.where(below[:, :, None], after_r, -jnp.inf))
-  off = jnp.einsum("...Jik,...Jjk->...iJj", left, right, precision=precision)
-  return scores + off.reshape(*a.shape[:-2], C, C)
+  s = jnp.arange(C)
+
+  @jax.checkpoint
+  def below_block(J):                                                      # -> [..., C, sub]
+    end = (J + 1) * sub - 1
+    cols = lax.dynamic_slice_in_dim(b, J * sub, sub, axis=-2)
+    right = cols * jnp.exp(_rest_sums(lax.dynamic_slice_in_dim(g, J * sub, sub, axis=-2), -2))
+    after_end = (s[None, :] > end) & (s[None, :] <= s[:, None])             # (r, i]
+    expo = jnp.where((s > end)[:, None], _sum_over(after_end, g, -2), -jnp.inf)
+    return jnp.einsum("...ik,...jk->...ij", a * jnp.exp(expo), right, precision=precision)
+
+  off = lax.map(below_block, jnp.arange(nb - 1))                           # [nb-1, ..., C, sub]
+  off = jnp.moveaxis(off, 0, -2).reshape(*off.shape[1:-1], (nb - 1) * sub)
+  return scores + jnp.pad(off, [(0, 0)] * (off.ndim - 1) + [(0, sub)])
 
 
 def prepare(q, k, v, beta, g, *, precision=None) -> Prepared:
   """Steps 1-2 for every chunk at once. q, k [..., C, K]; v [..., C, V]; beta [..., C];
   g None, [..., C] or [..., C, K]."""
-  A = beta[..., :, None] * gated_scores(k, k, g, diagonal=False, precision=precision)
-  Attn = gated_scores(q, k, g, diagonal=True, precision=precision)
+  # K K^T and Q K^T share their column factors and gate exponents: one call for both.
+  KK, Attn = gated_scores(jnp.stack([k, q]), k, g, diagonal=True, precision=precision)
+  A = beta[..., :, None] * jnp.where(_tril(q.shape[-2], False), KK, 0.0)
   if g is None:
     Qg, Kd, Kg = q, k, k
     D = jnp.ones(q.shape[:-2] + q.shape[-1:], q.dtype)
   else:
     gc = g[..., None] if g.ndim == q.ndim - 1 else g               # [..., C, 1 or K]
-    G = jnp.cumsum(gc, axis=-2)                                    # decay since chunk start
+    G = _cumulative(gc, -2)                                         # decay since chunk start
     Qg, Kd, Kg = q * jnp.exp(G), k * jnp.exp(_rest_sums(gc, -2)), k * jnp.exp(G)
     D = jnp.broadcast_to(jnp.exp(G[..., -1, :]), q.shape[:-2] + q.shape[-1:])
   rhs = jnp.concatenate([beta[..., None] * Kg, beta[..., None] * v], axis=-1)
