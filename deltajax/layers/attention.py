@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from deltajax.layers import segments
-from deltajax.layers.common import Dtype, dense
+from deltajax.layers.common import Dtype, dense, output_init
 from deltajax.layers.delta import head_sizes
 
 
@@ -40,12 +40,14 @@ class Attention(nn.Module):
   """Multi-head causal softmax attention for hybrid stacks; `(y, new_cache) = attn(x, ...)`.
 
   window: attend to the last `window` tokens only (sliding window), None = full causal.
+  out_init_scale: scales the output projection's init (models: 1 / sqrt(2 * num_layers)).
   """
   d_model: int
   num_heads: int
   head_dim: int | None = None
   window: int | None = None
   rope_theta: float = 10000.0
+  out_init_scale: float = 1.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -102,5 +104,6 @@ class Attention(nn.Module):
       k, v = ck, cv
     o = attend(q, k, v, mask).astype(self.dtype)
     y = dense(D, ("heads", "embed"), name="o_proj", dtype=self.dtype,
-              param_dtype=self.param_dtype)(o.reshape(B, T, H * Dh))
+              param_dtype=self.param_dtype,
+              kernel_init=output_init(self.out_init_scale))(o.reshape(B, T, H * Dh))
     return y, new_cache

@@ -17,6 +17,15 @@ Dtype = Any
 default_kernel_init = nn.initializers.lecun_normal()
 
 
+def output_init(scale: float = 1.0):
+  """Init of a projection back into the residual stream: lecun normal times `scale`.
+
+  Models pass scale = 1 / sqrt(2 * num_layers) (GPT-2 style) so the residual stream does not
+  grow with depth and the stack at init is not overly sensitive to small perturbations.
+  """
+  return nn.initializers.variance_scaling(scale ** 2, "fan_in", "truncated_normal")
+
+
 def as_dtype(dtype) -> Any:
   """Accepts a jnp dtype or its name ("float32", "bfloat16")."""
   return jnp.dtype(dtype)

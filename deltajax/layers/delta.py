@@ -17,6 +17,7 @@ Three modes, one call `(y, new_cache) = mixer(x, segment_ids=None, cache=None)`:
 
 Sizes: H = num_heads query/key heads of K = head_dim (default d_model // num_heads);
 HV = num_v_heads (default H) value heads of V = head_dim * expand_v; n Householder steps.
+out_init_scale scales the output projection's init (models pass 1 / sqrt(2 * num_layers)).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from jax import lax
 from deltajax import ops
 from deltajax.layers import gates
 from deltajax.layers import segments
-from deltajax.layers.common import Dtype, dense, partitioned
+from deltajax.layers.common import Dtype, dense, output_init, partitioned
 from deltajax.layers.conv import ShortConv
 from deltajax.layers.linear_attention import linear_attention
 from deltajax.layers.norms import GatedRMSNorm, RMSNorm
@@ -82,6 +83,7 @@ class DeltaMixerBase(nn.Module):
   chunk_size: int = 64
   impl: str = "auto"
   max_segments: int | None = None
+  out_init_scale: float = 1.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -161,9 +163,9 @@ class DeltaMixerBase(nn.Module):
     fits = jnp.max(segments.num_documents(segment_ids)) <= S
     return lax.cond(fits, lambda: run(S), lambda: run(T))
 
-  def _dense(self, features: int, axes, name: str, use_bias: bool = False):
+  def _dense(self, features: int, axes, name: str, use_bias: bool = False, **kw):
     return dense(features, axes, name=name, dtype=self.dtype, param_dtype=self.param_dtype,
-                 use_bias=use_bias)
+                 use_bias=use_bias, **kw)
 
   def _op_kwargs(self, initial_state, cu_seqlens) -> dict:
     return dict(initial_state=initial_state, output_final_state=True, cu_seqlens=cu_seqlens,
@@ -216,7 +218,8 @@ class DeltaMixerBase(nn.Module):
     else:
       o = RMSNorm(self.norm_eps, axis_name="kv", dtype=self.dtype,
                   param_dtype=self.param_dtype, name="o_norm")(o)
-    y = self._dense(D, ("heads", "embed"), "o_proj")(o.reshape(B, T, d.HV * d.V))
+    y = self._dense(D, ("heads", "embed"), "o_proj",
+                    kernel_init=output_init(self.out_init_scale))(o.reshape(B, T, d.HV * d.V))
     new_cache = None if cache is None else {"state": final, "conv": conv_cache}
     return y, new_cache
 

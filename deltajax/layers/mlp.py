@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deltajax.layers.common import Dtype, dense
+from deltajax.layers.common import Dtype, dense, output_init
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -24,10 +24,12 @@ class MLP(nn.Module):
 
   `sparsity`: optional callable or linen module applied to the hidden activations h
   [..., hidden] before the down projection (deltajax.sparsity supplies top-k / delta modules).
+  out_init_scale scales the down projection's init (models: 1 / sqrt(2 * num_layers)).
   """
   hidden: int
   activation: str = "swiglu"
   sparsity: Any = None
+  out_init_scale: float = 1.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -45,4 +47,5 @@ class MLP(nn.Module):
       h = ACTIVATIONS[self.activation](up)
     if self.sparsity is not None:
       h = self.sparsity(h)
-    return dense(D, ("mlp", "embed"), name="down", **kw)(h)
+    return dense(D, ("mlp", "embed"), name="down", kernel_init=output_init(self.out_init_scale),
+                 **kw)(h)

@@ -23,7 +23,7 @@ _DELTA_MIXERS = {
 def make_mixer(config: LMConfig, mixer: str, **module_kw) -> nn.Module:
   """The mixer module of one layer, configured from `config` (module_kw: name=, parent=)."""
   kw = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
-            **module_kw)
+            out_init_scale=out_init_scale(config), **module_kw)
   if mixer == "attn":
     return layers.Attention(config.d_model, config.num_heads, config.head_dim,
                             window=config.window, rope_theta=config.rope_theta, **kw)
@@ -36,6 +36,11 @@ def make_mixer(config: LMConfig, mixer: str, **module_kw) -> nn.Module:
   if mixer == "kda":
     kw.update(lower_bound=config.kda_lower_bound)
   return _DELTA_MIXERS[mixer](config.d_model, config.num_heads, **kw)
+
+
+def out_init_scale(config: LMConfig) -> float:
+  """GPT-2's residual scaling: every block adds two projections to the residual stream."""
+  return (2.0 * config.num_layers) ** -0.5
 
 
 def _sparsity(spec) -> Any:
@@ -61,7 +66,7 @@ class Block(nn.Module):
     x = x + h
     h = layers.RMSNorm(c.norm_eps, name="mlp_norm", **kw)(x)
     h = layers.MLP(c.resolved_mlp_hidden, c.mlp_activation, sparsity=_sparsity(c.mlp_sparsity),
-                   name="mlp", **kw)(h)
+                   out_init_scale=out_init_scale(c), name="mlp", **kw)(h)
     return x + h, cache
 
 
