@@ -250,7 +250,7 @@ QUICKSTART = [
         MQAR = {"model.d_model": "64", "model.num_layers": "2", "model.chunk_size": "16",
                 "data.seq_len": "32", "data.vocab_size": "32", "data.num_kv_pairs": "4",
                 "data.batch_size": "32", "optim.lr": "3e-3", "optim.warmup_steps": "30",
-                "run.steps": "300"}
+                "run.steps": "400"}
         if SMALL:
           MQAR.update({"model.d_model": "16", "model.num_layers": "1", "data.seq_len": "16",
                        "data.vocab_size": "16", "data.num_kv_pairs": "2", "data.batch_size": "8",
@@ -270,24 +270,26 @@ QUICKSTART = [
         `deltajax.models.generate(model, params, prompt, max_new_tokens=...)` prefills the prompt
         with the chunk form and then decodes one token per step inside a compiled `lax.scan`
         (greedy by default; `temperature` and `top_p` for sampling). Here every prompt is the
-        key-value pairs of one held-out example followed by one of its keys: the model's next
-        token should be that key's value.
+        key-value pairs of a held-out example followed by one of its keys: the model's next
+        token should be that key's value (expect nearly all right after the full run).
         """),
     code("""
         from deltajax.models import generate
 
-        n = trainer.config.data.num_kv_pairs
-        example = trainer.source.batch("eval", 0, 1, trainer.config.data.seq_len)["inputs"][0]
-        pairs = example[:2 * n]
-        keys, values = pairs[0::2], pairs[1::2]
-        prompts = np.concatenate([np.tile(pairs, (n, 1)), keys[:, None]], axis=1)  # [n, 2n + 1]
+        n, rows = trainer.config.data.num_kv_pairs, 8
+        examples = trainer.source.batch("eval", 0, rows, trainer.config.data.seq_len)["inputs"]
+        pairs = examples[:, :2 * n]                                    # [rows, 2n]
+        keys, values = pairs[:, 0::2], pairs[:, 1::2]                  # [rows, n]
+        # One prompt per (example, key): the example's pairs, then the key.  [rows * n, 2n + 1]
+        prompts = np.concatenate([np.repeat(pairs, n, axis=0), keys.reshape(-1, 1)], axis=1)
         out = generate(trainer.model, params, jnp.asarray(prompts), max_new_tokens=1)
-        answers = np.asarray(out[:, -1])
-        print("pairs:", " ".join(f"{k}:{v}" for k, v in zip(keys, values)))
-        for key, value, answer in zip(keys, values, answers):
+        answers = np.asarray(out[:, -1]).reshape(rows, n)
+        print("first example's pairs:", " ".join(f"{k}:{v}" for k, v in zip(keys[0], values[0])))
+        for key, value, answer in zip(keys[0], values[0], answers[0]):
           print(f"  query {key:2d} -> model says {answer:2d} (value {value:2d}) "
                 f"{'right' if answer == value else 'wrong'}")
-        print(f"{np.mean(answers == values):.0%} recalled")
+        print(f"{np.mean(answers == values):.0%} of {answers.size} queries over {rows} held-out "
+              f"examples recalled")
         """),
 ]
 
@@ -425,6 +427,7 @@ KERNELS = [
         ax.set_title(f"{dev.platform} ({dev.device_kind}), float32, " + ", ".join(
             f"{k}={v}" for k, v in dims.items()), fontsize=8)
         ax.legend(fontsize=8)
+        fig.tight_layout()
         plt.show()
         '''),
     md("""
@@ -555,6 +558,7 @@ SPARSITY = [
         ax1.set_ylabel("density (fraction non-zero)")
         ax1.set_title("per-layer density on held-out videos", fontsize=9)
         ax1.legend(fontsize=7)
+        fig.tight_layout()
         plt.show()
         """),
     md("""
@@ -663,6 +667,7 @@ SPARSITY = [
         ax1.set_ylabel("tokens x layers")
         for ax in (ax0, ax1):
           ax.legend(fontsize=8)
+        fig.tight_layout()
         plt.show()
         '''),
 ]
@@ -744,18 +749,22 @@ STATE_TRACKING = [
         fig, axes = plt.subplots(1, len(TASKS), figsize=(5 * len(TASKS), 3.2))
         for ax, preset in zip(axes, TASKS):
           mixer = presets.PRESETS[preset].model["mixer"]
-          train_len = presets.build_config(preset, TASKS[preset]).data.seq_len
+          cfg = presets.build_config(preset, TASKS[preset])
           for neg in (False, True):
             lengths, acc = zip(*accuracy[preset, neg].items())
             ax.plot(lengths, acc, "o-", label=f"beta in [0, {2 if neg else 1}]"
                     + (" (negative eigenvalues)" if neg else ""))
-          ax.axvline(train_len, color="gray", ls=":", label="training length")
+          ax.axvline(cfg.data.seq_len, color="gray", ls=":", label="training length")
+          ax.axhline(1 / cfg.model.vocab_size, color="gray", ls="--", label="chance")
           ax.set_xscale("log", base=2)
+          ax.set_xticks(lengths, [str(n) for n in lengths])
+          ax.minorticks_off()
           ax.set_ylim(0, 1.02)
           ax.set_xlabel("held-out sequence length")
           ax.set_ylabel("per-token accuracy")
           ax.set_title(f"{preset} ({mixer})", fontsize=10)
           ax.legend(fontsize=8)
+        fig.tight_layout()
         plt.show()
         """),
 ]
