@@ -264,6 +264,7 @@ QUICKSTART = [
         plt.xlabel("step")
         plt.ylabel("training loss (nats)")
         plt.title(f"MQAR, {trainer.config.model.mixer}")
+        plt.tight_layout()
         plt.show()
         """),
     md("""
@@ -422,6 +423,8 @@ KERNELS = [
           points = sorted((r.T, r.fwd_bwd_ms) for r in results if r.impl == impl)
           ax.loglog(*zip(*points), "o-", label=f"{OP} ({impl})")
         ax.loglog(Ts, [attention_ms[T] for T in Ts], "s--", color="k", label="softmax attention")
+        ax.set_xticks(Ts, [str(T) for T in Ts])
+        ax.minorticks_off()
         ax.set_xlabel("sequence length T")
         ax.set_ylabel("forward+backward time (ms)")
         ax.set_title(f"{dev.platform} ({dev.device_kind}), float32, " + ", ".join(
@@ -434,8 +437,8 @@ KERNELS = [
         What to expect. On a CPU, for forward+backward, the chunk form is already several times
         faster than the token loop and needs about a sixth of its memory (the `peak MiB`
         column: the recurrent backward stores a state per token); softmax attention is fastest
-        at a few hundred tokens, but its `T^2` term overtakes the chunk form somewhere around
-        `T = 1000` (the slopes of the log-log lines are about 1 and 2). On a GPU or TPU the
+        at a few hundred tokens, but its `T^2` term overtakes the chunk form at around 500 to
+        1000 tokens (the slopes of the log-log lines are about 1 and 2). On a GPU or TPU the
         chunk form and the Pallas kernels run on the matrix units, so expect them to pull
         further ahead of the token loop, and attention to fall behind at long lengths.
         """),
@@ -557,7 +560,8 @@ SPARSITY = [
         ax1.set_xticks(layers, [f"Delta layer {i}" for i in layers], fontsize=8)
         ax1.set_ylabel("density (fraction non-zero)")
         ax1.set_title("per-layer density on held-out videos", fontsize=9)
-        ax1.legend(fontsize=7)
+        ax1.set_ylim(0, 1)
+        ax1.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         plt.show()
         """),
@@ -586,6 +590,7 @@ SPARSITY = [
         plt.xlabel("per-token density (fraction kept)")
         plt.ylabel("tokens")
         plt.legend(fontsize=8)
+        plt.tight_layout()
         plt.show()
         """),
     md("""
