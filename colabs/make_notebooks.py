@@ -43,7 +43,6 @@ def notebook(cells: list[dict]) -> dict:
   return {
       "cells": cells,
       "metadata": {
-          "accelerator": "GPU",
           "colab": {"provenance": []},
           "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
           "language_info": {"name": "python"},
