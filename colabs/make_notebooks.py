@@ -414,7 +414,7 @@ KERNELS = [
         attention_ms = {}
         for T in Ts:
           q, k, v = bench.make_args("delta_rule", bench.Shape(T=T, **dims), jnp.float32)[:3]
-          attention_ms[T] = bench._median_ms(lambda: attention_step(q, k, v), repeats)
+          attention_ms[T] = bench.median_ms(lambda: attention_step(q, k, v), repeats)
           print(f"softmax attention T={T:<6} forward+backward {attention_ms[T]:9.2f} ms")
 
         fig, ax = plt.subplots(figsize=(6, 4))

@@ -89,7 +89,8 @@ def model_flops(op: str, s: Shape) -> float:
   return 2.0 * s.B * s.H * T * per_token
 
 
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+  """Median wall time of fn() in ms over `repeats` runs after one warm-up, results awaited."""
   jax.block_until_ready(fn())  # warm-up
   times = []
   for _ in range(repeats):
@@ -130,8 +131,8 @@ def bench_one(op: str, impl: str, s: Shape, dtype, repeats: int) -> Result:
   t0 = time.perf_counter()
   compiled = fwd_bwd.lower(*args).compile()
   compile_s = time.perf_counter() - t0
-  fwd_ms = _median_ms(lambda: forward(*args), repeats)
-  fwd_bwd_ms = _median_ms(lambda: compiled(*args), repeats)
+  fwd_ms = median_ms(lambda: forward(*args), repeats)
+  fwd_bwd_ms = median_ms(lambda: compiled(*args), repeats)
   flops = 3 * model_flops(op, s)  # backward ~ 2x forward
   tflops = flops / (fwd_bwd_ms * 1e-3) / 1e12
   peak = device_peak_tflops()
