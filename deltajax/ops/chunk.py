@@ -105,7 +105,14 @@ def gated_scores(a, b, g, *, diagonal: bool, precision=None):
   """
   C = a.shape[-2]
   mask = _tril(C, diagonal)
-  if g is None or g.ndim == b.ndim - 1:
+  per_row_gate = g is not None and g.ndim == b.ndim - 1
+  # Explicit broadcasts: XLA:CPU 0.10 segfaults differentiating einsums whose operands differ in
+  # rank under vmap (seen with packed sequences in the layers).
+  lead = a.shape[:-2]
+  b = jnp.broadcast_to(b, lead + b.shape[-2:])
+  if g is not None:
+    g = jnp.broadcast_to(g, lead + g.shape[-1 if per_row_gate else -2:])
+  if g is None or per_row_gate:
     s = jnp.einsum("...ik,...jk->...ij", a, b, precision=precision)
     if g is not None:
       s = s * jnp.exp(jnp.where(mask, _segment_sums(g, -1), -jnp.inf))
