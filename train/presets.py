@@ -68,9 +68,7 @@ PRESETS: dict[str, Preset] = {
     "text": Preset(
         "byte-level language model on text (set --data.text_source=FILE|DIR|GLOB|tfds:NAME), "
         "packed rows with document boundaries",
-        # DeltaNet, not Gated DeltaNet: the gradient of GatedDeltaNet with segment_ids
-        # crashes XLA on CPU at the moment (reported; see docs/results.md).
-        dict(d_model=128, num_layers=4, num_heads=4, mixer="deltanet"),
+        dict(d_model=128, num_layers=4, num_heads=4, mixer="gated_deltanet"),
         DataConfig(task="text", seq_len=256, batch_size=16),
         OptimConfig(lr=2e-3, warmup_steps=100),
         RunConfig(steps=2000, eval_every=500, log_every=50, checkpoint_every=500)),
