@@ -65,6 +65,13 @@ PRESETS: dict[str, Preset] = {
         DataConfig(task="selective_copy", seq_len=64, vocab_size=16, num_tokens_to_copy=8),
         OptimConfig(lr=3e-3, warmup_steps=50),
         RunConfig(steps=1000, eval_every=250, log_every=25, checkpoint_every=250)),
+    "mqar_topk": Preset(
+        "MQAR with a spatially sparse MLP: ReLU, top-10% per token (deltajax.sparsity); the "
+        "MLP density is logged as metrics/*density",
+        dict(_SMALL, mixer="deltanet", mlp_activation="relu", mlp_sparsity="topk:k=0.1"),
+        DataConfig(task="mqar", seq_len=64, vocab_size=64, num_kv_pairs=8, batch_size=32),
+        OptimConfig(lr=3e-3, warmup_steps=50),
+        RunConfig(steps=600, eval_every=200, log_every=20, checkpoint_every=200)),
     "text": Preset(
         "byte-level language model on text (set --data.text_source=FILE|DIR|GLOB|tfds:NAME), "
         "packed rows with document boundaries",
