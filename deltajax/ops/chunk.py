@@ -105,15 +105,11 @@ def gated_scores(a, b, g, *, diagonal: bool, precision=None):
   """
   C = a.shape[-2]
   mask = _tril(C, diagonal)
-  per_row_gate = g is not None and g.ndim == b.ndim - 1
-  # Explicit broadcasts: XLA:CPU 0.10 segfaults differentiating einsums whose operands differ in
-  # rank under vmap (seen with packed sequences in the layers).
-  lead = a.shape[:-2]
-  b = jnp.broadcast_to(b, lead + b.shape[-2:])
-  if g is not None:
-    g = jnp.broadcast_to(g, lead + g.shape[-1 if per_row_gate else -2:])
-  if g is None or per_row_gate:
+  if g is None or g.ndim == b.ndim - 1:
+    b = _like(b, a)
     s = jnp.einsum("...ik,...jk->...ij", a, b, precision=precision)
+    if g is not None:
+      g = jnp.broadcast_to(g, a.shape[:-2] + g.shape[-1:])
     if g is not None:
       s = s * jnp.exp(jnp.where(mask, _segment_sums(g, -1), -jnp.inf))
     return jnp.where(mask, s, 0.0)
@@ -124,6 +120,16 @@ def gated_scores(a, b, g, *, diagonal: bool, precision=None):
   # the exact branch's ([..., C, sub, K]) would dominate memory even when it is not taken.
   branch = lambda f: jax.checkpoint(functools.partial(f, diagonal=diagonal, precision=precision))
   return lax.cond(fits, branch(_channel_scores_factored), branch(_channel_scores_exact), a, b, g)
+
+
+def _like(x, a):
+  """x broadcast to the extra leading axes of a (a row-set axis, for instance).
+
+  XLA:CPU in jax 0.10 segfaults differentiating, under vmap, einsums and products whose operands
+  differ in rank (seen with packed sequences in the layers), so every product of the scores gets
+  operands of equal rank; the exponentials are still computed once, before the broadcast.
+  """
+  return jnp.broadcast_to(x, a.shape[:a.ndim - x.ndim] + x.shape)
 
 
 def _blocks(C: int):
@@ -145,7 +151,7 @@ def _channel_scores_factored(a, b, g, *, diagonal: bool, precision=None):
   ref = jnp.arange(nb) * sub - 1                                    # r(I): last token before I
   # left exponent: g summed over the row's own block up to and including the row.
   own = (block[:, None] == block[None, :]) & (s[None, :] <= s[:, None])
-  left = a * jnp.exp(_sum_over(own, g, -2))                         # [..., C, K]
+  left = a * _like(jnp.exp(_sum_over(own, g, -2)), a)              # [..., C, K]
   # right exponent: signed sums of g between j and r(I), for every block I (0 where j > I's end).
   after = (s[None, None, :] > s[None, :, None]) & (s[None, None, :] <= ref[:, None, None])
   before = (s[None, None, :] > ref[:, None, None]) & (s[None, None, :] <= s[None, :, None])
@@ -154,7 +160,7 @@ def _channel_scores_factored(a, b, g, *, diagonal: bool, precision=None):
   seen = block[None, :] <= jnp.arange(nb)[:, None]                  # [nb, C(j)]
   right = b[..., None, :, :] * jnp.exp(jnp.where(seen[:, :, None], expo, -jnp.inf))
   left = left.reshape(*a.shape[:-2], nb, sub, K)
-  scores = jnp.einsum("...Iik,...Ijk->...Iij", left, right, precision=precision)
+  scores = jnp.einsum("...Iik,...Ijk->...Iij", left, _like(right, left), precision=precision)
   return jnp.where(_tril(C, diagonal), scores.reshape(*a.shape[:-2], C, C), 0.0)
 
 
@@ -174,7 +180,7 @@ def _diagonal_block_scores(a, b, g, sub: int, diagonal: bool):
   def band(d):
     window = (s[None, :] > s[:, None] - d) & (s[None, :] <= s[:, None])     # (i - d, i]
     b_d = lax.dynamic_slice_in_dim(b_padded, sub - d, C, axis=-2)           # b_{i - d}
-    value = jnp.sum(a * b_d * jnp.exp(_sum_over(window, g, -2)), axis=-1)   # [..., C]
+    value = jnp.sum(a * _like(b_d * jnp.exp(_sum_over(window, g, -2)), a), axis=-1)
     return jnp.where(s % sub >= d, value, 0.0)
 
   first = 0 if diagonal else 1
@@ -203,7 +209,8 @@ def _channel_scores_exact(a, b, g, *, diagonal: bool, precision=None):
     right = cols * jnp.exp(_rest_sums(lax.dynamic_slice_in_dim(g, J * sub, sub, axis=-2), -2))
     after_end = (s[None, :] > end) & (s[None, :] <= s[:, None])             # (r, i]
     expo = jnp.where((s > end)[:, None], _sum_over(after_end, g, -2), -jnp.inf)
-    return jnp.einsum("...ik,...jk->...ij", a * jnp.exp(expo), right, precision=precision)
+    left = a * _like(jnp.exp(expo), a)
+    return jnp.einsum("...ik,...jk->...ij", left, _like(right, left), precision=precision)
 
   off = lax.map(below_block, jnp.arange(nb - 1))                           # [nb-1, ..., C, sub]
   off = jnp.moveaxis(off, 0, -2).reshape(*off.shape[1:-1], (nb - 1) * sub)
