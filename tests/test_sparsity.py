@@ -267,16 +267,29 @@ def test_prosparse_schedule_shape():
 # ----------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("kw,words", [
-    (dict(k=0), ["k", "0"]), (dict(k=1.5), ["k", "1.5", "(0, 1]"]), (dict(k=0.0), ["k", "0.0"]),
-    (dict(k=-0.2), ["k", "-0.2"]), (dict(k="10"), ["k", "'10'"]), (dict(k=True), ["k"]),
-    (dict(method="sort"), ["method", "'sort'", "exact"]),
-    (dict(gradient="none"), ["gradient", "'none'", "kept"]),
-    (dict(soft=True), ["soft", "statistical"]),
-])
-def test_bad_topk_config(kw, words):
+_BAD_CONFIGS = [
+    (S.TopKConfig, dict(k=0), ["k", "0"]),
+    (S.TopKConfig, dict(k=1.5), ["k", "1.5", "(0, 1]"]),
+    (S.TopKConfig, dict(k=0.0), ["k", "0.0"]),
+    (S.TopKConfig, dict(k=-0.2), ["k", "-0.2"]),
+    (S.TopKConfig, dict(k="10"), ["k", "'10'"]),
+    (S.TopKConfig, dict(k=True), ["k"]),
+    (S.TopKConfig, dict(method="sort"), ["method", "'sort'", "exact"]),
+    (S.TopKConfig, dict(gradient="none"), ["gradient", "'none'", "kept"]),
+    (S.TopKConfig, dict(soft=True), ["soft", "statistical"]),
+    (S.DeltaConfig, dict(mode="sparse"), ["mode", "'sparse'", "quantized"]),
+    (S.DeltaConfig, dict(step="row"), ["step", "'row'", "channel"]),
+    (S.DeltaConfig, dict(step_init=0.0), ["step_init", "0.0"]),
+    (S.DeltaConfig, dict(threshold=-1.0), ["threshold", "-1.0"]),
+    (S.DeltaConfig, dict(fan_out=0), ["fan_out", "0"]),
+    (S.DeltaConfig, dict(l1_coef=-1), ["l1_coef", "-1"]),
+]
+
+
+@pytest.mark.parametrize("cls,kw,words", _BAD_CONFIGS)
+def test_bad_config_names_the_argument(cls, kw, words):
   with pytest.raises(ValueError) as e:
-    S.TopKConfig(**kw)
+    cls(**kw)
   for w in words:
     assert w in str(e.value)
 
@@ -290,19 +303,6 @@ def test_bad_topk_width_and_input():
     S.topk_mask(jnp.ones((2, 8)), 2, method="heap")
   with pytest.raises(ValueError, match="x must be a floating-point array; got dtype int32"):
     S.topk(jnp.ones((2, 8), jnp.int32), S.TopKConfig(k=2))
-
-
-@pytest.mark.parametrize("kw,words", [
-    (dict(mode="sparse"), ["mode", "'sparse'", "quantized"]),
-    (dict(step="row"), ["step", "'row'", "channel"]),
-    (dict(step_init=0.0), ["step_init", "0.0"]), (dict(threshold=-1.0), ["threshold", "-1.0"]),
-    (dict(fan_out=0), ["fan_out", "0"]), (dict(l1_coef=-1), ["l1_coef", "-1"]),
-])
-def test_bad_delta_config(kw, words):
-  with pytest.raises(ValueError) as e:
-    S.DeltaConfig(**kw)
-  for w in words:
-    assert w in str(e.value)
 
 
 def test_bad_delta_input_and_schedule():
