@@ -116,7 +116,12 @@ def test_inverse_on_repeated_tokens():
   cfg = KernelConfig()
   Qg, Kd, W, U, D, Attn = jax.jit(lambda *a: calls.prepare(cfg, *a, None, ()))(
       q, k, v, beta[..., None])
-  p = reference.prepare(q, k, v, beta, None, precision=_HI)
+  # Against float64: on inputs this ill-conditioned two float32 forms differ by their own
+  # rounding (~1e-5), so the reference is computed in float64 instead.
+  with jax.enable_x64(True):
+    p = reference.prepare(*(np.asarray(x, np.float64) for x in (q, k, v, beta)), None,
+                          precision=_HI)
+    p = jax.tree.map(np.asarray, p)
   for name, a, b in (("W", W, p.W), ("U", U, p.U), ("Attn", Attn, p.Attn)):
     assert_close(a, b, 1e-5, f"repeated tokens {name}")
   # The same inputs break the Neumann product (so this test can tell the two apart).

@@ -37,10 +37,14 @@ def test_chunk_matches_reference_packed(op):
   check_against_reference(op, "chunk", B=1, N=3, T=30, kw=dict(cu_seqlens=cu, chunk_size=16))
 
 
-@pytest.mark.parametrize("op", ["gated_delta_rule", "kda"])
-def test_chunk_matches_reference_strong_gates(op):
-  # g around -20 per token: exp(+G) would overflow float32 in a naive chunk form.
-  check_against_reference(op, "chunk", T=40, gate_scale=20.0, kw=dict(chunk_size=32))
+# g around -20 per token: exp(+G) would overflow float32 in a naive chunk form. For kda, gate
+# scale 3 at chunk 64 decays the chunk past e^80 but no 16-token sub-block (the second of the
+# three per-channel regimes, see test_channel_scores_against_float64); scale 20 decays both.
+@pytest.mark.parametrize("op, gate_scale, chunk_size", [
+    ("gated_delta_rule", 20.0, 32), ("kda", 20.0, 32), ("kda", 3.0, 64)])
+def test_chunk_matches_reference_strong_gates(op, gate_scale, chunk_size):
+  check_against_reference(op, "chunk", T=70, B=1, gate_scale=gate_scale,
+                          kw=dict(chunk_size=chunk_size))
 
 
 def test_chunk_matches_reference_qk_l2norm():
@@ -317,30 +321,36 @@ def test_solve_unit_lower_on_nearly_parallel_keys(beta, tol):
         jnp.eye(64) + jnp.tril(A, -1), R, left_side=True, lower=True, unit_diagonal=True)
     x_ref = np.asarray(lapack(A64, R64))
     dA_ref, dR_ref = map(np.asarray, jax.grad(loss(lapack), (0, 1))(A64, R64))
-  hi = functools.partial(solve_unit_lower, precision=lax.Precision.HIGHEST)
+  # Two right-hand sides sharing the inverse, as the chunk form solves for W and U.
+  hi = lambda A, R: jnp.concatenate(
+      solve_unit_lower(A, (R[..., :16], R[..., 16:]), lax.Precision.HIGHEST), axis=-1)
   assert_close(hi(A, R), x_ref, tol, "solve")
   dA, dR = jax.grad(loss(hi), (0, 1))(A, R)
   assert_close(dA, np.tril(dA_ref, -1), tol, "dA")
   assert_close(dR, dR_ref, tol, "dR")
 
 
-@pytest.mark.parametrize("gate_scale", [1.0, 3.0])
+# Three regimes of the per-channel scores, by gate scale: 0.5, no channel decays by e^80 over
+# the chunk (one product per row factor); 3, the chunk does but no 16-token sub-block (products
+# by row blocks); 8, sub-blocks do too (banded diagonal blocks). Each against float64.
+@pytest.mark.parametrize("gate_scale, chunk_fits, sub_blocks_fit",
+                         [(0.5, True, True), (3.0, False, True), (8.0, False, False)])
 @pytest.mark.parametrize("diagonal", [False, True])
-def test_factored_channel_scores_equal_the_exact_ones(gate_scale, diagonal):
-  """The per-channel gate scores have a fast factored form (used while no sub-block decays by
-  more than e^80) and an exact one for any gate: both against a float64 computation."""
+def test_channel_scores_against_float64(gate_scale, chunk_fits, sub_blocks_fit, diagonal):
   from deltajax.ops import chunk
   ks = jax.random.split(jax.random.PRNGKey(0), 3)
   a, b = jax.random.normal(ks[0], (2, 3, 64, 32)), jax.random.normal(ks[1], (3, 64, 32))
   g = -gate_scale * jax.nn.softplus(jax.random.normal(ks[2], (3, 64, 32)))
+  limit = chunk._MAX_FACTORED_DECAY
+  assert (-np.asarray(g).sum(axis=1).min() < limit) == chunk_fits
+  assert (-np.asarray(g).reshape(3, 4, 16, 32).sum(axis=2).min() < limit) == sub_blocks_fit
   mask = np.tril(np.ones((64, 64), bool), 0 if diagonal else -1)
   a64, b64, g64 = (np.asarray(x, np.float64) for x in (a, b, g))
   G = np.cumsum(g64, axis=-2)
   decay = np.exp(np.where(mask[..., None], G[:, :, None, :] - G[:, None, :, :], -np.inf))
   want = np.einsum("nbik,bjk,bijk->nbij", a64, b64, decay)
-  hi = jax.lax.Precision.HIGHEST
-  for form in (chunk._channel_scores_factored, chunk._channel_scores_exact):
-    assert_close(form(a, b, g, diagonal=diagonal, precision=hi), want, 1e-5, form.__name__)
+  got = chunk.gated_scores(tuple(a), b, g, diagonal=diagonal, precision=jax.lax.Precision.HIGHEST)
+  assert_close(jnp.stack(got), want, 1e-5, "scores")
 
 
 @pytest.mark.parametrize("op", ["gated_delta_rule", "kda"])

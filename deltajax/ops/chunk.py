@@ -93,86 +93,107 @@ def _rest_sums(g, axis: int):
   return _sum_over(~_tril(C, True), g, axis)
 
 
-def gated_scores(a, b, g, *, diagonal: bool, precision=None):
+def gated_scores(rows, b, g, *, diagonal: bool, precision=None):
   """S_ij = sum_d a_id b_jd exp(sum_{j < s <= i} g_sd) for j < i (j <= i with `diagonal`).
 
   Args:
-    a, b: [..., C, K]; a may carry extra leading axes (several row sets against one b).
+    rows: row factors a, each [..., C, K] like b. They share b's gate exponentials; each is its
+      own product (on CPU two products cost less than one over stacked operands).
+    b: [..., C, K].
     g: None, [..., C] (one log-gate per row) or [..., C, K] (per channel); g <= 0. Any gate in
       (-inf, 0] stays finite.
   Returns:
-    [..., C, C].
+    a tuple of [..., C, C], one per row factor.
   """
-  C = a.shape[-2]
+  C = b.shape[-2]
   mask = _tril(C, diagonal)
-  if g is None or g.ndim == b.ndim - 1:
-    b = _like(b, a)
-    s = jnp.einsum("...ik,...jk->...ij", a, b, precision=precision)
-    if g is not None:
-      g = jnp.broadcast_to(g, a.shape[:-2] + g.shape[-1:])
-    if g is not None:
-      s = s * jnp.exp(jnp.where(mask, _segment_sums(g, -1), -jnp.inf))
-    return jnp.where(mask, s, 0.0)
-  sub = min(_SUB, C)
-  decay = -_sum_over(jnp.ones((1, sub), bool), g.reshape(*g.shape[:-2], C // sub, sub, -1), -2)
-  fits = jnp.max(decay) < _MAX_FACTORED_DECAY
-  # Rematerialised branches: differentiating a cond keeps the residuals of both branches, and
-  # the exact branch's ([..., C, sub, K]) would dominate memory even when it is not taken.
-  branch = lambda f: jax.checkpoint(functools.partial(f, diagonal=diagonal, precision=precision))
-  return lax.cond(fits, branch(_channel_scores_factored), branch(_channel_scores_exact), a, b, g)
+  if g is not None and g.ndim == b.ndim:
+    return _channel_scores(tuple(rows), b, g, diagonal=diagonal, precision=precision)
+  decay = None if g is None else jnp.exp(jnp.where(mask, _segment_sums(g, -1), -jnp.inf))
+  scores = (jnp.einsum("...ik,...jk->...ij", a, b, precision=precision) for a in rows)
+  return tuple(jnp.where(mask, s, 0.0) if decay is None else s * decay for s in scores)
 
 
-def _like(x, a):
-  """x broadcast to the extra leading axes of a (a row-set axis, for instance).
+def _channel_scores(rows, b, g, *, diagonal: bool, precision=None):
+  """Per-channel scores: one product per row factor while they fit float32, else by sub-blocks.
 
-  XLA:CPU in jax 0.10 segfaults differentiating, under vmap, einsums and products whose operands
-  differ in rank (seen with packed sequences in the layers), so every product of the scores gets
-  operands of equal rank; the exponentials are still computed once, before the broadcast.
+  While no channel decays by more than _MAX_FACTORED_DECAY over the chunk, e^{G_i - G_j}
+  factors through the chunk start as e^{G_i} (>= e^-80) times e^{-G_j} (<= e^80), and each
+  score matrix is one C x C product, as for scalar gates. Stronger gates take
+  `_sub_block_scores`, exact for any gate in (-inf, 0]; the choice is one `lax.cond` over the
+  whole batch, and that branch is rematerialised so that its residuals (four column factors per
+  chunk) are not kept when it is not taken.
   """
-  return jnp.broadcast_to(x, a.shape[:a.ndim - x.ndim] + x.shape)
+  C = b.shape[-2]
+  G = _cumulative(g, -2)                                            # g over (chunk start, i]
+  fits = jnp.max(-G[..., -1, :]) < _MAX_FACTORED_DECAY
+
+  def factored(rows, b, g):
+    left, right = jnp.exp(G), b * jnp.exp(-G)
+    mask = _tril(C, diagonal)
+    return tuple(jnp.where(mask, jnp.einsum("...ik,...jk->...ij", a * left, right,
+                                            precision=precision), 0.0) for a in rows)
+
+  by_blocks = jax.checkpoint(
+      functools.partial(_sub_block_scores, diagonal=diagonal, precision=precision))
+  return lax.cond(fits, factored, by_blocks, rows, b, g)
 
 
-def _blocks(C: int):
-  """(sub-block size, number of sub-blocks, the sub-block of every position)."""
-  sub = min(_SUB, C)
-  return sub, C // sub, jnp.arange(C) // sub
+def _sub_block_scores(rows, b, g, *, diagonal: bool, precision=None):
+  """Per-channel scores by sub-blocks of `_SUB` rows (I) and columns (J), for any gate.
 
-
-def _channel_scores_factored(a, b, g, *, diagonal: bool, precision=None):
-  """Per-channel scores as matmuls, through a reference point r(I) before each row block I.
-
-  S_ij = sum_d (a_id e^{g over (r, i]}) (b_jd e^{E_jd}) with E = g over (j, r] for j <= r
-  (<= 0) and E = -g over (r, j] for j in block I (>= 0, at most the block's decay). Valid while
-  no sub-block decays by more than _MAX_FACTORED_DECAY in any channel (e^80 fits float32).
+  Below the diagonal blocks (J < I) the exponent splits into parts that are all <= 0:
+  g over (j, end of J] + g over the whole blocks between J and I + g over (start of I, i], so
+  each row block is one product of row factors a e^{own} with column factors b e^{rest + mid}.
+  Inside a diagonal block the exponent is own_i - own_j; while no sub-block decays by more than
+  _MAX_FACTORED_DECAY in any channel the column factor b e^{-own} fits float32 and the diagonal
+  block joins the same product, else it is summed band by band with exponents <= 0
+  (`_diagonal_block_scores`). Row blocks run in a rematerialised loop, so that no temporary is
+  larger than [..., C, K]: XLA reserves this branch's memory even when it is not taken.
   """
-  C, K = a.shape[-2:]
-  sub, nb, block = _blocks(C)
-  s = jnp.arange(C)
-  ref = jnp.arange(nb) * sub - 1                                    # r(I): last token before I
-  # left exponent: g summed over the row's own block up to and including the row.
-  own = (block[:, None] == block[None, :]) & (s[None, :] <= s[:, None])
-  left = a * _like(jnp.exp(_sum_over(own, g, -2)), a)              # [..., C, K]
-  # right exponent: signed sums of g between j and r(I), for every block I (0 where j > I's end).
-  after = (s[None, None, :] > s[None, :, None]) & (s[None, None, :] <= ref[:, None, None])
-  before = (s[None, None, :] > ref[:, None, None]) & (s[None, None, :] <= s[None, :, None])
-  signed = after.astype(g.dtype) - before.astype(g.dtype)           # [nb, C(j), C(s)]
-  expo = jnp.einsum("Ijs,...sk->...Ijk", signed, g, precision=lax.Precision.HIGHEST)
-  seen = block[None, :] <= jnp.arange(nb)[:, None]                  # [nb, C(j)]
-  right = b[..., None, :, :] * jnp.exp(jnp.where(seen[:, :, None], expo, -jnp.inf))
-  left = left.reshape(*a.shape[:-2], nb, sub, K)
-  scores = jnp.einsum("...Iik,...Ijk->...Iij", left, _like(right, left), precision=precision)
-  return jnp.where(_tril(C, diagonal), scores.reshape(*a.shape[:-2], C, C), 0.0)
+  C, K = b.shape[-2:]
+  sub = min(_SUB, C)
+  nb = C // sub
+  blocked = lambda x: x.reshape(*x.shape[:-2], nb, sub, x.shape[-1])
+  gb = blocked(g)
+  own = _sum_over(_tril(sub, True), gb, -2)                         # g over (start of I, i]
+  rest = _sum_over(~_tril(sub, True), gb, -2)                       # g over (j, end of J]
+  total = own[..., -1, :]                                           # [..., nb, K]
+  blk = jnp.arange(nb)
+  between = (blk[None, None, :] > blk[None, :, None]) & (blk[None, None, :] < blk[:, None, None])
+  mid = jnp.einsum("IJL,...Lk->...IJk", between.astype(g.dtype), total,
+                   precision=lax.Precision.HIGHEST)                 # [..., nb(I), nb(J), K]
+  fits = jnp.max(-total) < _MAX_FACTORED_DECAY
+  pick = lambda x, I: lax.dynamic_index_in_dim(x, I, axis=x.ndim - 3, keepdims=False)
+
+  @jax.checkpoint
+  def row_block(I):                                                 # -> [..., sub, C] per row
+    J = blk[:, None, None]
+    expo = jnp.where(J < I, rest + pick(mid, I)[..., None, :], -jnp.inf)
+    expo = jnp.where((J == I) & fits, -own, expo)                   # [..., nb(J), sub, K]
+    right = b * jnp.exp(expo.reshape(g.shape))
+    left = jnp.exp(pick(own, I))
+    return tuple(jnp.einsum("...ik,...jk->...ij", pick(blocked(a), I) * left, right,
+                            precision=precision) for a in rows)
+
+  by_rows = lax.map(row_block, blk)                                 # [nb, ..., sub, C] each
+  mask = _tril(C, diagonal)
+  scores = (jnp.where(mask, jnp.moveaxis(x, 0, -3).reshape(*x.shape[1:-2], C, C), 0.0)
+            for x in by_rows)
+  bands = lax.cond(fits, lambda *_: tuple(jnp.zeros(b.shape[:-1] + (C,), b.dtype) for _ in rows),
+                   functools.partial(_diagonal_block_scores, sub=sub, diagonal=diagonal),
+                   rows, b, g)
+  return tuple(map(jnp.add, scores, bands))
 
 
-def _diagonal_block_scores(a, b, g, sub: int, diagonal: bool):
-  """The part of the per-channel scores inside the diagonal sub-blocks, one band at a time.
+def _diagonal_block_scores(rows, b, g, *, sub: int, diagonal: bool):
+  """The per-channel scores inside the diagonal sub-blocks, one band at a time, for any gate.
 
   Band d holds the pairs (i, i - d) of each sub-block: sum_k a_ik b_{i-d,k} e^{g over (i-d, i]}
   (an exponent <= 0). Bands run in a rematerialised loop so that no temporary, forward or
-  backward, is larger than [..., C, K]: XLA reserves this branch's memory even when the factored
-  one runs.
+  backward, is larger than [..., C, K]: differentiating a cond keeps both branches' residuals.
   """
-  C = a.shape[-2]
+  C = b.shape[-2]
   s = jnp.arange(C)
   b_padded = jnp.pad(b, [(0, 0)] * (b.ndim - 2) + [(sub, 0), (0, 0)])
 
@@ -180,48 +201,20 @@ def _diagonal_block_scores(a, b, g, sub: int, diagonal: bool):
   def band(d):
     window = (s[None, :] > s[:, None] - d) & (s[None, :] <= s[:, None])     # (i - d, i]
     b_d = lax.dynamic_slice_in_dim(b_padded, sub - d, C, axis=-2)           # b_{i - d}
-    value = jnp.sum(a * _like(b_d * jnp.exp(_sum_over(window, g, -2)), a), axis=-1)
-    return jnp.where(s % sub >= d, value, 0.0)
+    col = b_d * jnp.exp(_sum_over(window, g, -2))
+    return tuple(jnp.where(s % sub >= d, jnp.sum(a * col, axis=-1), 0.0) for a in rows)
 
   first = 0 if diagonal else 1
-  bands = lax.map(band, jnp.arange(first, sub))                            # [sub', ..., C]
+  bands = lax.map(band, jnp.arange(first, sub))                            # [sub', ..., C] each
   i, j, d = s[None, :, None], s[None, None, :], jnp.arange(first, sub)[:, None, None]
-  return jnp.einsum("d...i,dij->...ij", bands, (i - j == d).astype(a.dtype))
-
-
-def _channel_scores_exact(a, b, g, *, diagonal: bool, precision=None):
-  """Per-channel scores for any gate: every exponent formed is <= 0.
-
-  Diagonal sub-blocks by bands (C * sub * K work); the block below column block J factors
-  through the end r of J: exp(g over (j, r]) on the column side, exp(g over (r, i]) on the row.
-  """
-  C, K = a.shape[-2:]
-  sub, nb, _ = _blocks(C)
-  scores = _diagonal_block_scores(a, b, g, sub, diagonal)
-  if nb == 1:
-    return scores
-  s = jnp.arange(C)
-
-  @jax.checkpoint
-  def below_block(J):                                                      # -> [..., C, sub]
-    end = (J + 1) * sub - 1
-    cols = lax.dynamic_slice_in_dim(b, J * sub, sub, axis=-2)
-    right = cols * jnp.exp(_rest_sums(lax.dynamic_slice_in_dim(g, J * sub, sub, axis=-2), -2))
-    after_end = (s[None, :] > end) & (s[None, :] <= s[:, None])             # (r, i]
-    expo = jnp.where((s > end)[:, None], _sum_over(after_end, g, -2), -jnp.inf)
-    left = a * _like(jnp.exp(expo), a)
-    return jnp.einsum("...ik,...jk->...ij", left, _like(right, left), precision=precision)
-
-  off = lax.map(below_block, jnp.arange(nb - 1))                           # [nb-1, ..., C, sub]
-  off = jnp.moveaxis(off, 0, -2).reshape(*off.shape[1:-1], (nb - 1) * sub)
-  return scores + jnp.pad(off, [(0, 0)] * (off.ndim - 1) + [(0, sub)])
+  on_band = (i - j == d).astype(b.dtype)
+  return tuple(jnp.einsum("d...i,dij->...ij", x, on_band) for x in bands)
 
 
 def prepare(q, k, v, beta, g, *, precision=None) -> Prepared:
   """Steps 1-2 for every chunk at once. q, k [..., C, K]; v [..., C, V]; beta [..., C];
   g None, [..., C] or [..., C, K]."""
-  # K K^T and Q K^T share their column factors and gate exponents: one call for both.
-  KK, Attn = gated_scores(jnp.stack([k, q]), k, g, diagonal=True, precision=precision)
+  KK, Attn = gated_scores((k, q), k, g, diagonal=True, precision=precision)
   A = beta[..., :, None] * jnp.where(_tril(q.shape[-2], False), KK, 0.0)
   if g is None:
     Qg, Kd, Kg = q, k, k
@@ -231,21 +224,19 @@ def prepare(q, k, v, beta, g, *, precision=None) -> Prepared:
     G = _cumulative(gc, -2)                                         # decay since chunk start
     Qg, Kd, Kg = q * jnp.exp(G), k * jnp.exp(_rest_sums(gc, -2)), k * jnp.exp(G)
     D = jnp.broadcast_to(jnp.exp(G[..., -1, :]), q.shape[:-2] + q.shape[-1:])
-  rhs = jnp.concatenate([beta[..., None] * Kg, beta[..., None] * v], axis=-1)
-  WU = solve_unit_lower(A, rhs, precision)
-  K = q.shape[-1]
-  return Prepared(Qg=Qg, Kd=Kd, W=WU[..., :K], U=WU[..., K:], D=D, Attn=Attn)
+  W, U = solve_unit_lower(A, (beta[..., None] * Kg, beta[..., None] * v), precision)
+  return Prepared(Qg=Qg, Kd=Kd, W=W, U=U, D=D, Attn=Attn)
 
 
 def _step(S, p: Prepared, precision=None):
-  """One chunk of the state pass. S [..., K, V] -> next S."""
+  """One chunk of the state pass. S [..., K, V] -> (next S, V_new [..., C, V])."""
   v_new = p.U - jnp.einsum("...ck,...kv->...cv", p.W, S, precision=precision)
-  return p.D[..., None] * S + jnp.einsum("...ck,...cv->...kv", p.Kd, v_new, precision=precision)
+  S = p.D[..., None] * S + jnp.einsum("...ck,...cv->...kv", p.Kd, v_new, precision=precision)
+  return S, v_new
 
 
-def _output(S_in, p: Prepared, precision=None):
-  """Outputs of every chunk given the state entering it. S_in [..., K, V] -> [..., C, V]."""
-  v_new = p.U - jnp.einsum("...ck,...kv->...cv", p.W, S_in, precision=precision)
+def _output(S_in, v_new, p: Prepared, precision=None):
+  """Outputs of every chunk from the state entering it. S_in [..., K, V] -> [..., C, V]."""
   return (jnp.einsum("...ck,...kv->...cv", p.Qg, S_in, precision=precision)
           + jnp.einsum("...ij,...jv->...iv", p.Attn, v_new, precision=precision))
 
@@ -254,18 +245,22 @@ def _chunk_axis_first(x):
   return jnp.moveaxis(x, 2, 0)  # [B, HV, nc, ...] -> [nc, B, HV, ...]
 
 
+def _chunk_axis_back(x):
+  return jnp.moveaxis(x, 0, 2)  # [nc, B, HV, ...] -> [B, HV, nc, ...]
+
+
 def _states(p: Prepared, h0, start, seq, precision):
-  """The sequential pass. Returns S_out [B, HV, nc, K, V], the state after every chunk."""
+  """The sequential pass: S_out [B, HV, nc, K, V], the state after every chunk, and V_new."""
   def body(S, x):
     pc, st, sq = x
     S = jnp.where(st[:, None, None, None], h0[sq], S)
-    S = _step(S, pc, precision)
-    return S, S
+    S, v_new = _step(S, pc, precision)
+    return S, (S, v_new)
   B, HV, K = *p.Qg.shape[:2], p.Qg.shape[-1]
   S0 = jnp.zeros((B, HV, K, h0.shape[-1]), h0.dtype)
   xs = (jax.tree.map(_chunk_axis_first, p), start.T, seq.T)
-  _, S_out = lax.scan(body, S0, xs)
-  return jnp.moveaxis(S_out, 0, 2)
+  _, (S_out, v_new) = lax.scan(body, S0, xs)
+  return _chunk_axis_back(S_out), _chunk_axis_back(v_new)
 
 
 def _states_in(S_out, h0, start, seq):
@@ -287,33 +282,45 @@ def chunk_core(q, k, v, beta, g, h0, start, seq, precision=None):
 
 def _chunk_fwd(q, k, v, beta, g, h0, start, seq, precision):
   p = prepare(q, k, v, beta, g, precision=precision)
-  S_out = _states(p, h0, start, seq, precision)
-  o = _output(_states_in(S_out, h0, start, seq), p, precision)
-  return (o, S_out), (q, k, v, beta, g, h0, start, seq, S_out)
+  S_out, v_new = _states(p, h0, start, seq, precision)
+  o = _output(_states_in(S_out, h0, start, seq), v_new, p, precision)
+  return (o, S_out), (q, k, v, beta, g, h0, start, seq, S_out, v_new)
 
 
 def _chunk_bwd(precision, res, cts):
-  q, k, v, beta, g, h0, start, seq, S_out = res
+  """Back through the output and the state pass by hand (their products written once each),
+  then `jax.vjp` of the preparation, recomputed."""
+  q, k, v, beta, g, h0, start, seq, S_out, v_new = res
   do, dS_out = cts
+  mm = functools.partial(jnp.einsum, precision=precision)
   p, prepare_vjp = jax.vjp(functools.partial(prepare, precision=precision), q, k, v, beta, g)
   S_in = _states_in(S_out, h0, start, seq)
-  dp_out, dS_in_direct = jax.vjp(lambda p_, s: _output(s, p_, precision), p, S_in)[1](do)
+  # Through o = Qg S_in + Attn V_new, with V_new = U - W S_in: the parts that need no state
+  # cotangent, so the reverse pass below stays two products per chunk.
+  attn_do = mm("...ji,...jv->...iv", p.Attn, do)                      # dV_new from o
+  dS_direct = mm("...ck,...cv->...kv", p.Qg, do) - mm("...ck,...cv->...kv", p.W, attn_do)
 
-  # Reverse pass over chunks. dS_next is the cotangent of the state entering chunk c + 1.
+  # Reverse pass. dS_next is the cotangent of the state entering chunk c + 1; at each chunk
+  # dSo is that of the state leaving it, through S_out = D S_in + Kd^T V_new.
   next_start = jnp.concatenate([start[:, 1:], jnp.ones_like(start[:, :1])], axis=1)
   def body(dS_next, x):
-    W, Kd, D, dS_in_c, dS_out_c, nxt = x
+    W, Kd, D, dS_direct_c, dS_out_c, nxt = x
     dSo = dS_out_c + jnp.where(nxt[:, None, None, None], 0.0, dS_next)
-    kd_ds = jnp.einsum("...ck,...kv->...cv", Kd, dSo, precision=precision)
-    dS_in = (dS_in_c + D[..., None] * dSo
-             - jnp.einsum("...ck,...cv->...kv", W, kd_ds, precision=precision))
-    return dS_in, (dSo, dS_in)
-  xs = (*map(_chunk_axis_first, (p.W, p.Kd, p.D, dS_in_direct, dS_out)), next_start.T)
-  _, (dSo, dS_in) = lax.scan(body, jnp.zeros_like(S_out[:, :, 0]), xs, reverse=True)
-  dSo, dS_in = jnp.moveaxis(dSo, 0, 2), jnp.moveaxis(dS_in, 0, 2)
+    kd_dso = mm("...ck,...kv->...cv", Kd, dSo)                        # dV_new from S_out
+    dS_in = dS_direct_c + D[..., None] * dSo - mm("...ck,...cv->...kv", W, kd_dso)
+    return dS_in, (dSo, dS_in, kd_dso)
+  xs = (*map(_chunk_axis_first, (p.W, p.Kd, p.D, dS_direct, dS_out)), next_start.T)
+  _, ys = lax.scan(body, jnp.zeros_like(S_out[:, :, 0]), xs, reverse=True)
+  dSo, dS_in, kd_dso = map(_chunk_axis_back, ys)
 
-  dp_state = jax.vjp(lambda p_: _step(S_in, p_, precision), p)[1](dSo)[0]
-  dp = jax.tree.map(jnp.add, dp_out, dp_state)
+  dv_new = attn_do + kd_dso
+  dp = Prepared(
+      Qg=mm("...cv,...kv->...ck", do, S_in),
+      Kd=mm("...cv,...kv->...ck", v_new, dSo),
+      W=-mm("...cv,...kv->...ck", dv_new, S_in),
+      U=dv_new,
+      D=jnp.sum(dSo * S_in, axis=-1),
+      Attn=mm("...iv,...jv->...ij", do, v_new))
   dq, dk, dv, dbeta, dg = prepare_vjp(dp)
   into_h0 = jnp.where(start[:, None, :, None, None], dS_in, 0.0)      # [B, HV, nc, K, V]
   dh0 = jnp.zeros_like(h0).at[seq].add(jnp.moveaxis(into_h0, 2, 1))

@@ -31,6 +31,17 @@ def _diagonal_blocks(x: jax.Array, size: int) -> jax.Array:
   return jnp.moveaxis(jnp.diagonal(x, axis1=-4, axis2=-2), -1, -3)
 
 
+# Blocks up to this size are multiplied as broadcast sums: XLA:CPU runs a batched dot as one
+# GEMM call per matrix, which for 4 x 4 blocks costs more than the arithmetic.
+_BROADCAST_MATMUL_MAX = 8
+
+
+def _matmul(x, y, precision):
+  if x.shape[-1] <= _BROADCAST_MATMUL_MAX:
+    return jnp.sum(x[..., :, :, None] * y[..., None, :, :], axis=-2)
+  return jnp.matmul(x, y, precision=precision)
+
+
 def invert_unit_lower(A: jax.Array, precision=None) -> jax.Array:
   """(I + A)^-1 for A [..., C, C] strictly lower triangular, C a power of two."""
   C = A.shape[-1]
@@ -43,7 +54,7 @@ def invert_unit_lower(A: jax.Array, precision=None) -> jax.Array:
     L = pairs[..., b:, :b]                             # block below the first of each pair
     X = X.reshape(*X.shape[:-3], -1, 2, b, b)
     X1, X2 = X[..., 0, :, :], X[..., 1, :, :]
-    Y = -jnp.matmul(X2, jnp.matmul(L, X1, precision=precision), precision=precision)
+    Y = -_matmul(X2, _matmul(L, X1, precision), precision)
     top = jnp.concatenate([X1, jnp.zeros_like(X1)], axis=-1)
     bottom = jnp.concatenate([Y, X2], axis=-1)
     X = jnp.concatenate([top, bottom], axis=-2)        # [..., n, 2b, 2b]
@@ -52,22 +63,27 @@ def invert_unit_lower(A: jax.Array, precision=None) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def solve_unit_lower(A: jax.Array, R: jax.Array, precision=None) -> jax.Array:
-  """(I + A)^-1 R for A [..., C, C] strictly lower triangular and R [..., C, N]."""
-  return jnp.matmul(invert_unit_lower(A, precision), R, precision=precision)
+def solve_unit_lower(A: jax.Array, rhs: tuple[jax.Array, ...], precision=None):
+  """(I + A)^-1 R for every R in rhs; A [..., C, C] strictly lower triangular, R [..., C, N].
 
-
-def _solve_fwd(A, R, precision):
+  Several right-hand sides share one inverse; they stay separate operands because on CPU two
+  products cost less than concatenating them into one wider product.
+  """
   Minv = invert_unit_lower(A, precision)
-  X = jnp.matmul(Minv, R, precision=precision)
+  return tuple(jnp.matmul(Minv, R, precision=precision) for R in rhs)
+
+
+def _solve_fwd(A, rhs, precision):
+  Minv = invert_unit_lower(A, precision)
+  X = tuple(jnp.matmul(Minv, R, precision=precision) for R in rhs)
   return X, (Minv, X)
 
 
 def _solve_bwd(precision, res, dX):
-  # X = M^-1 R: dR = M^-T dX and dM = -dR X^T, of which only the strict lower part is A's.
+  # X = M^-1 R: dR = M^-T dX and dM = -sum dR X^T, of which only the strict lower part is A's.
   Minv, X = res
-  dR = jnp.matmul(jnp.swapaxes(Minv, -1, -2), dX, precision=precision)
-  dA = -jnp.matmul(dR, jnp.swapaxes(X, -1, -2), precision=precision)
+  dR = tuple(jnp.einsum("...ji,...jn->...in", Minv, d, precision=precision) for d in dX)
+  dA = -sum(jnp.einsum("...in,...jn->...ij", r, x, precision=precision) for r, x in zip(dR, X))
   C = dA.shape[-1]
   return jnp.where(jnp.tril(jnp.ones((C, C), bool), -1), dA, 0.0), dR
 
