@@ -9,16 +9,20 @@ Inside a chunk of C tokens, with cumulative log-gates G (reset per chunk) and q 
         S <- exp(G_last) * S + (K * exp(G_last - G))^T V_new
 
 Steps 1-2 ("prepare") and the output are parallel over chunks; only the state pass is sequential.
-The backward pass keeps only the inputs and the per-chunk states, recomputes the preparation,
-runs the state pass backwards, and hands the rest to `jax.vjp` of the parallel parts.
+The backward pass keeps only the inputs, the per-chunk states and V_new, recomputes the
+preparation, goes back through the output and the state pass by hand, and hands the rest to
+`jax.vjp` of the preparation.
 
-Gate differences G_i - G_j are formed as sums of the gates between j and i, never by subtracting
-running sums (which loses precision for strong gates). Per-channel gates (KDA) never form
-exp(+x): the score between tokens i >= j is built from factors exp(G_i - G_r) exp(G_r - G_j) with
-r between them (the end of j's sub-block), both <= 1, so any gate in (-inf, 0] stays finite.
+Scalar gate differences G_i - G_j are formed as sums of the gates between j and i, never by
+subtracting running sums (which loses precision for strong gates). Per-channel gates (KDA)
+factor exp(G_i - G_j) as exp(G_i) exp(-G_j) only while no channel decays by more than e^80 over
+a chunk (or a 16-token sub-block), where float32 holds both factors; stronger gates use factors
+exp(G_i - G_r) exp(G_r - G_j) through a point r between the tokens, both <= 1, so any gate in
+(-inf, 0] stays finite.
 
 Legend: B streams, HV heads, nc chunks, C chunk length, K key dim, V value dim, N sequences.
-Arrays below are [B, HV, nc, C, ...] float32 unless noted.
+Arrays below are chunk-major, [nc, B, HV, C, ...] float32 unless noted: the state passes scan
+over the leading axis with no transposes in or out.
 """
 from __future__ import annotations
 
@@ -33,8 +37,8 @@ from deltajax.ops.layout import Layout
 from deltajax.ops.triangular import solve_unit_lower
 
 _SUB = 16  # sub-block of the per-channel gate scores; the diagonal blocks cost C * _SUB * K.
-# Largest decay inside one sub-block for which the factored per-channel scores stay finite:
-# their factors reach e^{+decay}, and float32 ends near e^88.
+# Largest decay over a chunk (or sub-block) for which per-channel scores factor through its
+# start: the column factors reach e^{+decay}, and float32 ends near e^88.
 _MAX_FACTORED_DECAY = 80.0
 
 
@@ -121,8 +125,8 @@ def _channel_scores(rows, b, g, *, diagonal: bool, precision=None):
   factors through the chunk start as e^{G_i} (>= e^-80) times e^{-G_j} (<= e^80), and each
   score matrix is one C x C product, as for scalar gates. Stronger gates take
   `_sub_block_scores`, exact for any gate in (-inf, 0]; the choice is one `lax.cond` over the
-  whole batch, and that branch is rematerialised so that its residuals (four column factors per
-  chunk) are not kept when it is not taken.
+  whole batch, and that branch is rematerialised so that its residuals are not kept when it is
+  not taken.
   """
   C = b.shape[-2]
   G = _cumulative(g, -2)                                            # g over (chunk start, i]
@@ -228,10 +232,10 @@ def prepare(q, k, v, beta, g, *, precision=None) -> Prepared:
   return Prepared(Qg=Qg, Kd=Kd, W=W, U=U, D=D, Attn=Attn)
 
 
-def _step(S, p: Prepared, precision=None):
+def _step(S, W, U, Kd, D, precision=None):
   """One chunk of the state pass. S [..., K, V] -> (next S, V_new [..., C, V])."""
-  v_new = p.U - jnp.einsum("...ck,...kv->...cv", p.W, S, precision=precision)
-  S = p.D[..., None] * S + jnp.einsum("...ck,...cv->...kv", p.Kd, v_new, precision=precision)
+  v_new = U - jnp.einsum("...ck,...kv->...cv", W, S, precision=precision)
+  S = D[..., None] * S + jnp.einsum("...ck,...cv->...kv", Kd, v_new, precision=precision)
   return S, v_new
 
 
@@ -241,41 +245,31 @@ def _output(S_in, v_new, p: Prepared, precision=None):
           + jnp.einsum("...ij,...jv->...iv", p.Attn, v_new, precision=precision))
 
 
-def _chunk_axis_first(x):
-  return jnp.moveaxis(x, 2, 0)  # [B, HV, nc, ...] -> [nc, B, HV, ...]
-
-
-def _chunk_axis_back(x):
-  return jnp.moveaxis(x, 0, 2)  # [nc, B, HV, ...] -> [B, HV, nc, ...]
-
-
 def _states(p: Prepared, h0, start, seq, precision):
-  """The sequential pass: S_out [B, HV, nc, K, V], the state after every chunk, and V_new."""
+  """The sequential pass: S_out [nc, B, HV, K, V], the state after every chunk, and V_new."""
   def body(S, x):
-    pc, st, sq = x
+    st, sq, *step_inputs = x
     S = jnp.where(st[:, None, None, None], h0[sq], S)
-    S, v_new = _step(S, pc, precision)
+    S, v_new = _step(S, *step_inputs, precision)
     return S, (S, v_new)
-  B, HV, K = *p.Qg.shape[:2], p.Qg.shape[-1]
+  B, HV, K = *p.Qg.shape[1:3], p.Qg.shape[-1]
   S0 = jnp.zeros((B, HV, K, h0.shape[-1]), h0.dtype)
-  xs = (jax.tree.map(_chunk_axis_first, p), start.T, seq.T)
-  _, (S_out, v_new) = lax.scan(body, S0, xs)
-  return _chunk_axis_back(S_out), _chunk_axis_back(v_new)
+  _, (S_out, v_new) = lax.scan(body, S0, (start, seq, p.W, p.U, p.Kd, p.D))
+  return S_out, v_new
 
 
 def _states_in(S_out, h0, start, seq):
   """The state entering every chunk: the sequence's initial state or the previous S_out."""
-  prev = jnp.concatenate([jnp.zeros_like(S_out[:, :, :1]), S_out[:, :, :-1]], axis=2)
-  init = jnp.moveaxis(h0[seq], 2, 1)                                # [B, HV, nc, K, V]
-  return jnp.where(start[:, None, :, None, None], init, prev)
+  prev = jnp.concatenate([jnp.zeros_like(S_out[:1]), S_out[:-1]], axis=0)
+  return jnp.where(start[:, :, None, None, None], h0[seq], prev)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def chunk_core(q, k, v, beta, g, h0, start, seq, precision=None):
-  """O [B, HV, nc, C, V] and S_out [B, HV, nc, K, V] over chunk-aligned inputs.
+  """O [nc, B, HV, C, V] and S_out [nc, B, HV, K, V] over chunk-aligned inputs.
 
-  q, k [B, HV, nc, C, K]; v [B, HV, nc, C, V]; beta [B, HV, nc, C]; g None, [B, HV, nc, C] or
-  [B, HV, nc, C, K]; h0 [N, HV, K, V]; start, seq [B, nc] from the layout.
+  q, k [nc, B, HV, C, K]; v [nc, B, HV, C, V]; beta [nc, B, HV, C]; g None, [nc, B, HV, C] or
+  [nc, B, HV, C, K]; h0 [N, HV, K, V]; start, seq [nc, B] (the layout's, transposed).
   """
   return _chunk_fwd(q, k, v, beta, g, h0, start, seq, precision)[0]
 
@@ -302,16 +296,15 @@ def _chunk_bwd(precision, res, cts):
 
   # Reverse pass. dS_next is the cotangent of the state entering chunk c + 1; at each chunk
   # dSo is that of the state leaving it, through S_out = D S_in + Kd^T V_new.
-  next_start = jnp.concatenate([start[:, 1:], jnp.ones_like(start[:, :1])], axis=1)
+  next_start = jnp.concatenate([start[1:], jnp.ones_like(start[:1])], axis=0)
   def body(dS_next, x):
     W, Kd, D, dS_direct_c, dS_out_c, nxt = x
     dSo = dS_out_c + jnp.where(nxt[:, None, None, None], 0.0, dS_next)
     kd_dso = mm("...ck,...kv->...cv", Kd, dSo)                        # dV_new from S_out
     dS_in = dS_direct_c + D[..., None] * dSo - mm("...ck,...cv->...kv", W, kd_dso)
     return dS_in, (dSo, dS_in, kd_dso)
-  xs = (*map(_chunk_axis_first, (p.W, p.Kd, p.D, dS_direct, dS_out)), next_start.T)
-  _, ys = lax.scan(body, jnp.zeros_like(S_out[:, :, 0]), xs, reverse=True)
-  dSo, dS_in, kd_dso = map(_chunk_axis_back, ys)
+  xs = (p.W, p.Kd, p.D, dS_direct, dS_out, next_start)
+  _, (dSo, dS_in, kd_dso) = lax.scan(body, jnp.zeros_like(S_out[0]), xs, reverse=True)
 
   dv_new = attn_do + kd_dso
   dp = Prepared(
@@ -322,8 +315,8 @@ def _chunk_bwd(precision, res, cts):
       D=jnp.sum(dSo * S_in, axis=-1),
       Attn=mm("...iv,...jv->...ij", do, v_new))
   dq, dk, dv, dbeta, dg = prepare_vjp(dp)
-  into_h0 = jnp.where(start[:, None, :, None, None], dS_in, 0.0)      # [B, HV, nc, K, V]
-  dh0 = jnp.zeros_like(h0).at[seq].add(jnp.moveaxis(into_h0, 2, 1))
+  into_h0 = jnp.where(start[:, :, None, None, None], dS_in, 0.0)      # [nc, B, HV, K, V]
+  dh0 = jnp.zeros_like(h0).at[seq].add(into_h0)
   return dq, dk, dv, dbeta, dg, dh0, None, None
 
 
@@ -335,8 +328,9 @@ def chunk(q, k, v, beta, g, h0, layout: Layout, precision=None):
 
   Args and returns as `deltajax.ops.recurrent.recurrent` (time-major [B, T, HV, ...] float32).
   """
-  heads_first = lambda x: None if x is None else jnp.moveaxis(layout.to_chunks(x), 3, 1)
-  o, S_out = chunk_core(heads_first(q), heads_first(k), heads_first(v), heads_first(beta),
-                        heads_first(g), h0, layout.start, layout.seq, precision)
-  finals = S_out[layout.last_stream, :, layout.last_chunk]
-  return layout.from_chunks(jnp.moveaxis(o, 1, 3)), finals
+  # [B, nc, C, HV, ...] <-> [nc, B, HV, C, ...]
+  chunk_major = lambda x: None if x is None else jnp.moveaxis(layout.to_chunks(x), (1, 3), (0, 2))
+  o, S_out = chunk_core(chunk_major(q), chunk_major(k), chunk_major(v), chunk_major(beta),
+                        chunk_major(g), h0, layout.start.T, layout.seq.T, precision)
+  finals = S_out[layout.last_chunk, layout.last_stream]
+  return layout.from_chunks(jnp.moveaxis(o, (0, 2), (1, 3))), finals

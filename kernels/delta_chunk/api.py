@@ -50,8 +50,9 @@ def _flags(x):
 def core(q, k, v, beta, g, h0, start, seq, packed: bool, cfg: KernelConfig):
   """O [B, HV, nc, C, V] and the transposed states ST_out [B, HV, nc, V, K] after each chunk.
 
-  Inputs as `deltajax.ops.chunk.chunk_core` (q, k [B, HV, nc, C, K], v [.., C, V],
-  beta [.., C], g None / [.., C] / [.., C, K], h0 [N, HV, K, V], start/seq [B, nc]);
+  Inputs as `deltajax.ops.chunk.chunk_core` but stream-major (q, k [B, HV, nc, C, K],
+  v [.., C, V], beta [.., C], g None / [.., C] / [.., C, K], h0 [N, HV, K, V], start/seq
+  [B, nc]);
   `packed` is True when chunks may load any sequence's h0 (cu_seqlens), False when stream b
   loads h0[b] at chunk 0.
   """
