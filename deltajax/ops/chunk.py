@@ -37,9 +37,13 @@ from deltajax.ops.layout import Layout
 from deltajax.ops.triangular import solve_unit_lower
 
 _SUB = 16  # sub-block of the per-channel gate scores; the diagonal blocks cost C * _SUB * K.
+_GROUP = 16  # chunks per step of the per-channel sub-block loop (bounds its memory)
 # Largest decay over a chunk (or sub-block) for which per-channel scores factor through its
 # start: the column factors reach e^{+decay}, and float32 ends near e^88.
 _MAX_FACTORED_DECAY = 80.0
+# Gates rounded to this grid sum without rounding error in float32 while the sums stay below
+# 2^7 in magnitude (7 + 16 bits of a 24-bit significand).
+_GRID = 2.0 ** 16
 
 
 class Prepared(NamedTuple):
@@ -112,88 +116,134 @@ def gated_scores(rows, b, g, *, diagonal: bool, precision=None):
   C = b.shape[-2]
   mask = _tril(C, diagonal)
   if g is not None and g.ndim == b.ndim:
-    return _channel_scores(tuple(rows), b, g, diagonal=diagonal, precision=precision)
+    scores = _channel_scores(tuple(rows), b, g, precision=precision)
+    if not diagonal:
+      return scores
+    # The diagonal (no decay) on its own: inside a factored product its gate gradients would
+    # be two large terms that cancel, leaving rounding noise in dg for strong gates.
+    eye = jnp.eye(C, dtype=b.dtype)
+    return tuple(s + jnp.sum(a * b, axis=-1)[..., :, None] * eye for s, a in zip(scores, rows))
   decay = None if g is None else jnp.exp(jnp.where(mask, _segment_sums(g, -1), -jnp.inf))
   scores = (jnp.einsum("...ik,...jk->...ij", a, b, precision=precision) for a in rows)
   return tuple(jnp.where(mask, s, 0.0) if decay is None else s * decay for s in scores)
 
 
-def _channel_scores(rows, b, g, *, diagonal: bool, precision=None):
-  """Per-channel scores: one product per row factor while they fit float32, else by sub-blocks.
+def _split(g):
+  """g = hi + lo with hi on the 2^-16 grid and |lo| <= 2^-17. Sums of hi of magnitude < 128 are
+  exact; hi carries no gradient (lo carries all of it, so d/dg is unchanged)."""
+  hi = jnp.where(jnp.abs(g) < 2.0 ** 20, jnp.round(g * _GRID) / _GRID, g)
+  hi = lax.stop_gradient(hi)
+  return hi, g - hi
+
+
+def _exp_split(hi, lo):
+  """e^{hi + lo} for |lo| <= 2^-10, never rounding hi + lo.
+
+  A factor e^x computed from a rounded x is off by eps |x| relative; factoring e^{G_i - G_j}
+  through a reference point makes |x| large (up to 40 here) even for pairs whose own decay is
+  small, so the exponent is carried exactly as an exact grid part and a small remainder whose
+  exponential is a cubic (error < 2^-40).
+  """
+  return jnp.exp(hi) * (1 + lo * (1 + lo / 2 * (1 + lo / 3)))
+
+
+def _channel_scores(rows, b, g, *, precision=None):
+  """Per-channel scores below the diagonal: one product per row factor while they fit float32,
+  else by sub-blocks.
 
   While no channel decays by more than _MAX_FACTORED_DECAY over the chunk, e^{G_i - G_j}
-  factors through the chunk start as e^{G_i} (>= e^-80) times e^{-G_j} (<= e^80), and each
-  score matrix is one C x C product, as for scalar gates. Stronger gates take
-  `_sub_block_scores`, exact for any gate in (-inf, 0]; the choice is one `lax.cond` over the
-  whole batch, and that branch is rematerialised so that its residuals are not kept when it is
-  not taken.
+  factors through the midpoint M of each channel's decay as e^{G_i - M} e^{M - G_j}, both
+  within e^{+-40} and accurate to a few ulp (`_exp_split`), and each score matrix is one C x C
+  product, as for scalar gates. Stronger gates take `_sub_block_scores`, exact for any gate in
+  (-inf, 0]; the choice is one `lax.cond` over the whole batch. XLA reserves the memory of
+  both branches, so the sub-block one runs rematerialised, over groups of `_GROUP` entries of
+  the leading (chunk) axis at a time: its memory does not grow with the sequence.
   """
-  C = b.shape[-2]
-  G = _cumulative(g, -2)                                            # g over (chunk start, i]
-  fits = jnp.max(-G[..., -1, :]) < _MAX_FACTORED_DECAY
+  C, sub = b.shape[-2], min(_SUB, b.shape[-2])
+  hi, lo = (_cumulative(x, -2) for x in _split(g))                # g over (chunk start, i]
+  fits = jnp.max(-hi[..., -1, :]) < _MAX_FACTORED_DECAY
+  sub_decay = -jnp.sum(g.reshape(*g.shape[:-2], C // sub, sub, -1), axis=-2)
+  sub_blocks_fit = jnp.max(sub_decay) < _MAX_FACTORED_DECAY
 
   def factored(rows, b, g):
-    left, right = jnp.exp(G), b * jnp.exp(-G)
-    mask = _tril(C, diagonal)
+    centre = jnp.round(hi[..., -1:, :] * (_GRID / 2)) / _GRID     # M, on the grid
+    left = _exp_split(hi - centre, lo)                             # hi - centre is exact
+    right = b * _exp_split(centre - hi, -lo)
+    mask = _tril(C, False)
     return tuple(jnp.where(mask, jnp.einsum("...ik,...jk->...ij", a * left, right,
                                             precision=precision), 0.0) for a in rows)
 
-  by_blocks = jax.checkpoint(
-      functools.partial(_sub_block_scores, diagonal=diagonal, precision=precision))
+  by_block = jax.checkpoint(functools.partial(
+      _sub_block_scores, diagonal_fits=sub_blocks_fit, precision=precision))
+  by_blocks = lambda *xs: lax.map(lambda x: by_block(*x), xs, batch_size=_GROUP)
   return lax.cond(fits, factored, by_blocks, rows, b, g)
 
 
-def _sub_block_scores(rows, b, g, *, diagonal: bool, precision=None):
-  """Per-channel scores by sub-blocks of `_SUB` rows (I) and columns (J), for any gate.
+def _sub_block_scores(rows, b, g, *, diagonal_fits, precision=None):
+  """Per-channel scores below the diagonal by sub-blocks of `_SUB` rows (I) and columns (J),
+  for any gate.
 
-  Below the diagonal blocks (J < I) the exponent splits into parts that are all <= 0:
-  g over (j, end of J] + g over the whole blocks between J and I + g over (start of I, i], so
-  each row block is one product of row factors a e^{own} with column factors b e^{rest + mid}.
-  Inside a diagonal block the exponent is own_i - own_j; while no sub-block decays by more than
-  _MAX_FACTORED_DECAY in any channel the column factor b e^{-own} fits float32 and the diagonal
-  block joins the same product, else it is summed band by band with exponents <= 0
-  (`_diagonal_block_scores`). Row blocks run in a rematerialised loop, so that no temporary is
-  larger than [..., C, K]: XLA reserves this branch's memory even when it is not taken.
+  Row factors are a e^{own_i - m_I}: own is g over (start of I, i] and m_I half of block I's
+  decay (0 when the diagonal blocks are banded), so the exponent stays within
+  +-_MAX_FACTORED_DECAY / 2 (or <= 0). Below the diagonal blocks
+  (J < I) the column factors are b e^{rest_j + mid_IJ + m_I}: g over (j, end of J], over the
+  whole blocks between J and I, and m_I, all <= 0. Inside a diagonal block the column factor is
+  b e^{m_I - own_j}, within e^{+-40} while no sub-block decays by more than
+  _MAX_FACTORED_DECAY in any channel (`diagonal_fits`, a scalar for the whole batch); else the diagonal blocks are summed band by band with
+  exponents <= 0 (`_diagonal_block_scores`). Exponents are carried as exact grid parts plus
+  small remainders (`_exp_split`); where the grid sums are not exact (beyond 2^7) the factors
+  are below e^-88 and the pairs they scale vanish in float32 anyway. Row blocks run in a
+  rematerialised loop, so that no temporary is larger than [..., C, K]: XLA reserves this
+  branch's memory even when it is not taken.
   """
   C, K = b.shape[-2:]
   sub = min(_SUB, C)
   nb = C // sub
   blocked = lambda x: x.reshape(*x.shape[:-2], nb, sub, x.shape[-1])
-  gb = blocked(g)
-  own = _sum_over(_tril(sub, True), gb, -2)                         # g over (start of I, i]
-  rest = _sum_over(~_tril(sub, True), gb, -2)                       # g over (j, end of J]
-  total = own[..., -1, :]                                           # [..., nb, K]
   blk = jnp.arange(nb)
   between = (blk[None, None, :] > blk[None, :, None]) & (blk[None, None, :] < blk[:, None, None])
-  mid = jnp.einsum("IJL,...Lk->...IJk", between.astype(g.dtype), total,
-                   precision=lax.Precision.HIGHEST)                 # [..., nb(I), nb(J), K]
-  fits = jnp.max(-total) < _MAX_FACTORED_DECAY
+
+  def sums(x):                                                      # x: a grid or remainder part
+    xb = blocked(x)
+    own = _sum_over(_tril(sub, True), xb, -2)                       # over (start of I, i]
+    rest = _sum_over(~_tril(sub, True), xb, -2)                     # over (j, end of J]
+    mid = jnp.einsum("IJL,...Lk->...IJk", between.astype(x.dtype), own[..., -1, :],
+                     precision=lax.Precision.HIGHEST)               # [..., nb(I), nb(J), K]
+    return own, rest, mid
+
+  (own, rest, mid), (own_lo, rest_lo, mid_lo) = map(sums, _split(g))
+  # m_I only where the diagonal blocks are factored; else 0 keeps every exponent <= 0.
+  fits = diagonal_fits
+  half = jnp.where(fits, jnp.round(own[..., -1:, :] * (_GRID / 2)) / _GRID, 0.0)  # [.., nb, 1, K]
   pick = lambda x, I: lax.dynamic_index_in_dim(x, I, axis=x.ndim - 3, keepdims=False)
 
   @jax.checkpoint
   def row_block(I):                                                 # -> [..., sub, C] per row
     J = blk[:, None, None]
-    expo = jnp.where(J < I, rest + pick(mid, I)[..., None, :], -jnp.inf)
-    expo = jnp.where((J == I) & fits, -own, expo)                   # [..., nb(J), sub, K]
-    right = b * jnp.exp(expo.reshape(g.shape))
-    left = jnp.exp(pick(own, I))
+    m = pick(half, I)[..., None, :, :]                              # [..., 1, 1, K]
+    below, diag = J < I, (J == I) & fits
+    expo = jnp.where(below, rest + pick(mid, I)[..., None, :] + m, -jnp.inf)
+    expo = jnp.where(diag, m - own, expo)                           # [..., nb(J), sub, K]
+    expo_lo = jnp.where(below, rest_lo + pick(mid_lo, I)[..., None, :], -own_lo)
+    right = b * _exp_split(expo, expo_lo).reshape(g.shape)
+    left = _exp_split(pick(own, I) - m[..., 0, :, :], pick(own_lo, I))
     return tuple(jnp.einsum("...ik,...jk->...ij", pick(blocked(a), I) * left, right,
                             precision=precision) for a in rows)
 
   by_rows = lax.map(row_block, blk)                                 # [nb, ..., sub, C] each
-  mask = _tril(C, diagonal)
+  mask = _tril(C, False)
   scores = (jnp.where(mask, jnp.moveaxis(x, 0, -3).reshape(*x.shape[1:-2], C, C), 0.0)
             for x in by_rows)
   bands = lax.cond(fits, lambda *_: tuple(jnp.zeros(b.shape[:-1] + (C,), b.dtype) for _ in rows),
-                   functools.partial(_diagonal_block_scores, sub=sub, diagonal=diagonal),
-                   rows, b, g)
+                   functools.partial(_diagonal_block_scores, sub=sub), rows, b, g)
   return tuple(map(jnp.add, scores, bands))
 
 
-def _diagonal_block_scores(rows, b, g, *, sub: int, diagonal: bool):
-  """The per-channel scores inside the diagonal sub-blocks, one band at a time, for any gate.
+def _diagonal_block_scores(rows, b, g, *, sub: int):
+  """The per-channel scores strictly below the diagonal inside the diagonal sub-blocks, one
+  band at a time, for any gate.
 
-  Band d holds the pairs (i, i - d) of each sub-block: sum_k a_ik b_{i-d,k} e^{g over (i-d, i]}
+  Band d >= 1 holds the pairs (i, i - d) of each sub-block: sum_k a_ik b_{i-d,k} e^{g over (i-d, i]}
   (an exponent <= 0). Bands run in a rematerialised loop so that no temporary, forward or
   backward, is larger than [..., C, K]: differentiating a cond keeps both branches' residuals.
   """
@@ -208,9 +258,8 @@ def _diagonal_block_scores(rows, b, g, *, sub: int, diagonal: bool):
     col = b_d * jnp.exp(_sum_over(window, g, -2))
     return tuple(jnp.where(s % sub >= d, jnp.sum(a * col, axis=-1), 0.0) for a in rows)
 
-  first = 0 if diagonal else 1
-  bands = lax.map(band, jnp.arange(first, sub))                            # [sub', ..., C] each
-  i, j, d = s[None, :, None], s[None, None, :], jnp.arange(first, sub)[:, None, None]
+  bands = lax.map(band, jnp.arange(1, sub))                                # [sub-1, ..., C] each
+  i, j, d = s[None, :, None], s[None, None, :], jnp.arange(1, sub)[:, None, None]
   on_band = (i - j == d).astype(b.dtype)
   return tuple(jnp.einsum("d...i,dij->...ij", x, on_band) for x in bands)
 
