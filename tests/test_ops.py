@@ -50,9 +50,11 @@ def test_chunk_matches_reference_strong_gates(op, gate_scale, chunk_size):
 # Per-channel gates that once lost precision: a decay of 75 in one token near the chunk start
 # (factored through one reference point, pairs after it carried eps * 75 relative error), and
 # -4.9 on every token (sub-blocks decaying by ~78: dg was off by 2e-2), beside -5.5 per token
-# (no sub-block fits; banded diagonal blocks). Gradients at 1e-5 against float64.
+# (no sub-block fits; banded diagonal blocks). The chunk form and the kernels, gradients at 1e-5
+# against float64.
+@pytest.mark.parametrize("impl", ["chunk", "pallas"])
 @pytest.mark.parametrize("pattern", ["one_strong_token", "strong_everywhere", "stronger"])
-def test_kda_precision_at_the_factoring_limits(pattern):
+def test_kda_precision_at_the_factoring_limits(pattern, impl):
   from oracle import run_op
   args, h0 = make_inputs("kda", B=1, T=128, H=2, K=16, V=8)
   q, k, v, g, beta = args
@@ -61,7 +63,7 @@ def test_kda_precision_at_the_factoring_limits(pattern):
   g = weak + {"one_strong_token": -75.0 * (t % 64 == 1), "strong_everywhere": -4.9,
               "stronger": -5.5}[pattern]
   args = (q, k, v, g, beta)
-  o, s, grads = run_op("kda", "chunk", args, h0, chunk_size=64)
+  o, s, grads = run_op("kda", impl, args, h0, chunk_size=64)
   with jax.enable_x64(True):
     o_r, s_r, grads_r = run_op("kda", "recurrent", tuple(np.asarray(x, np.float64) for x in args),
                                np.asarray(h0, np.float64))
