@@ -144,7 +144,52 @@ def _exp_split(hi, lo):
   small, so the exponent is carried exactly as an exact grid part and a small remainder whose
   exponential is a cubic (error < 2^-40).
   """
-  return jnp.exp(hi) * (1 + lo * (1 + lo / 2 * (1 + lo / 3)))
+  return jnp.exp(hi) * _exp_small(lo)
+
+
+def _exp_small(y):
+  return 1 + y * (1 + y / 2 * (1 + y / 3))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _factored_scores(rows, b, x, lo, precision):
+  """Strictly lower (a e^{x + lo}) (b e^{-x - lo})^T for each a in rows, [..., C, C].
+
+  x [..., C, K] is exact and carries no gradient (`_split`); lo is the small remainder. The
+  backward recomputes the factors instead of keeping them: two [C, K] arrays of residuals
+  instead of seven.
+  """
+  return _factored_fwd(rows, b, x, lo, precision)[0]
+
+
+def _factored_fwd(rows, b, x, lo, precision):
+  left, right = _exp_split(x, lo), b * _exp_split(-x, -lo)
+  mask = _tril(b.shape[-2], False)
+  scores = tuple(jnp.where(mask, jnp.einsum("...ik,...jk->...ij", a * left, right,
+                                            precision=precision), 0.0) for a in rows)
+  return scores, (rows, b, x, lo)
+
+
+def _factored_bwd(precision, res, d_scores):
+  rows, b, x, lo = res
+  up, down = jnp.exp(x), jnp.exp(-x)
+  left, col = up * _exp_small(lo), down * _exp_small(-lo)            # e^{x+lo}, e^{-x-lo}
+  right = b * col
+  mask = _tril(b.shape[-2], False)
+  d_rows, d_left, d_right = [], 0.0, 0.0
+  for a, d in zip(rows, d_scores):
+    d = jnp.where(mask, d, 0.0)
+    d_row_factor = jnp.einsum("...ij,...jk->...ik", d, right, precision=precision)
+    d_rows.append(d_row_factor * left)
+    d_left = d_left + d_row_factor * a
+    d_right = d_right + jnp.einsum("...ij,...ik->...jk", d, a * left, precision=precision)
+  # d/dy of the cubic in _exp_small is the quadratic 1 + y + y^2 / 2.
+  d_exp_small = lambda y: 1 + y * (1 + y / 2)
+  d_lo = d_left * up * d_exp_small(lo) - d_right * b * down * d_exp_small(-lo)
+  return tuple(d_rows), d_right * col, jnp.zeros_like(x), d_lo
+
+
+_factored_scores.defvjp(_factored_fwd, _factored_bwd)
 
 
 def _channel_scores(rows, b, g, *, precision=None):
@@ -167,11 +212,7 @@ def _channel_scores(rows, b, g, *, precision=None):
 
   def factored(rows, b, g):
     centre = jnp.round(hi[..., -1:, :] * (_GRID / 2)) / _GRID     # M, on the grid
-    left = _exp_split(hi - centre, lo)                             # hi - centre is exact
-    right = b * _exp_split(centre - hi, -lo)
-    mask = _tril(C, False)
-    return tuple(jnp.where(mask, jnp.einsum("...ik,...jk->...ij", a * left, right,
-                                            precision=precision), 0.0) for a in rows)
+    return _factored_scores(rows, b, hi - centre, lo, precision)   # hi - centre is exact
 
   by_block = jax.checkpoint(functools.partial(
       _sub_block_scores, diagonal_fits=sub_blocks_fit, precision=precision))
