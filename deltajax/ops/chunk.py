@@ -233,9 +233,9 @@ def _sub_block_scores(rows, b, g, *, diagonal_fits, precision=None):
   _MAX_FACTORED_DECAY in any channel (`diagonal_fits`, a scalar for the whole batch); else the diagonal blocks are summed band by band with
   exponents <= 0 (`_diagonal_block_scores`). Exponents are carried as exact grid parts plus
   small remainders (`_exp_split`); where the grid sums are not exact (beyond 2^7) the factors
-  are below e^-88 and the pairs they scale vanish in float32 anyway. Row blocks run in a
-  rematerialised loop, so that no temporary is larger than [..., C, K]: XLA reserves this
-  branch's memory even when it is not taken.
+  are below e^-88 and the pairs they scale vanish in float32 anyway. Every row block has its
+  own column factors ([..., nb, C, K] in all), which is why `_channel_scores` runs this over a
+  few chunks at a time.
   """
   C, K = b.shape[-2:]
   sub = min(_SUB, C)
@@ -258,7 +258,6 @@ def _sub_block_scores(rows, b, g, *, diagonal_fits, precision=None):
   half = jnp.where(fits, jnp.round(own[..., -1:, :] * (_GRID / 2)) / _GRID, 0.0)  # [.., nb, 1, K]
   pick = lambda x, I: lax.dynamic_index_in_dim(x, I, axis=x.ndim - 3, keepdims=False)
 
-  @jax.checkpoint
   def row_block(I):                                                 # -> [..., sub, C] per row
     J = blk[:, None, None]
     m = pick(half, I)[..., None, :, :]                              # [..., 1, 1, K]
@@ -271,7 +270,7 @@ def _sub_block_scores(rows, b, g, *, diagonal_fits, precision=None):
     return tuple(jnp.einsum("...ik,...jk->...ij", pick(blocked(a), I) * left, right,
                             precision=precision) for a in rows)
 
-  by_rows = lax.map(row_block, blk)                                 # [nb, ..., sub, C] each
+  by_rows = jax.vmap(row_block)(blk)                               # [nb, ..., sub, C] each
   mask = _tril(C, False)
   scores = (jnp.where(mask, jnp.moveaxis(x, 0, -3).reshape(*x.shape[1:-2], C, C), 0.0)
             for x in by_rows)
