@@ -47,7 +47,8 @@ _GRID = 2.0 ** 16
 
 
 class Prepared(NamedTuple):
-  """Per-chunk quantities. Qg, Kd, W: [..., C, K]; U: [..., C, V]; D: [..., K]; Attn: [..., C, C]."""
+  """Per-chunk quantities. Qg, Kd, W: [..., C, K]; U: [..., C, V]; D: [..., K];
+  Attn: [..., C, C]."""
   Qg: jax.Array
   Kd: jax.Array
   W: jax.Array
@@ -226,16 +227,16 @@ def _sub_block_scores(rows, b, g, *, diagonal_fits, precision=None):
 
   Row factors are a e^{own_i - m_I}: own is g over (start of I, i] and m_I half of block I's
   decay (0 when the diagonal blocks are banded), so the exponent stays within
-  +-_MAX_FACTORED_DECAY / 2 (or <= 0). Below the diagonal blocks
-  (J < I) the column factors are b e^{rest_j + mid_IJ + m_I}: g over (j, end of J], over the
-  whole blocks between J and I, and m_I, all <= 0. Inside a diagonal block the column factor is
-  b e^{m_I - own_j}, within e^{+-40} while no sub-block decays by more than
-  _MAX_FACTORED_DECAY in any channel (`diagonal_fits`, a scalar for the whole batch); else the diagonal blocks are summed band by band with
-  exponents <= 0 (`_diagonal_block_scores`). Exponents are carried as exact grid parts plus
-  small remainders (`_exp_split`); where the grid sums are not exact (beyond 2^7) the factors
-  are below e^-88 and the pairs they scale vanish in float32 anyway. Every row block has its
-  own column factors ([..., nb, C, K] in all), which is why `_channel_scores` runs this over a
-  few chunks at a time.
+  +-_MAX_FACTORED_DECAY / 2 (or <= 0). Below the diagonal blocks (J < I) the column factors are
+  b e^{rest_j + mid_IJ + m_I}: g over (j, end of J], over the whole blocks between J and I, and
+  m_I, all <= 0. Inside a diagonal block the column factor is b e^{m_I - own_j}, within
+  e^{+-40} while no sub-block decays by more than _MAX_FACTORED_DECAY in any channel
+  (`diagonal_fits`, one scalar for the whole batch); else the diagonal blocks are summed band
+  by band with exponents <= 0 (`_diagonal_block_scores`). Exponents are carried as exact grid
+  parts plus small remainders (`_exp_split`); where the grid sums are not exact (beyond 2^7)
+  the factors are below e^-88 and the pairs they scale vanish in float32 anyway. Every row
+  block has its own column factors ([..., nb, C, K] in all), which is why `_channel_scores`
+  runs this over a few chunks at a time.
   """
   C, K = b.shape[-2:]
   sub = min(_SUB, C)
@@ -254,14 +255,13 @@ def _sub_block_scores(rows, b, g, *, diagonal_fits, precision=None):
 
   (own, rest, mid), (own_lo, rest_lo, mid_lo) = map(sums, _split(g))
   # m_I only where the diagonal blocks are factored; else 0 keeps every exponent <= 0.
-  fits = diagonal_fits
-  half = jnp.where(fits, jnp.round(own[..., -1:, :] * (_GRID / 2)) / _GRID, 0.0)  # [.., nb, 1, K]
+  half = jnp.where(diagonal_fits, jnp.round(own[..., -1:, :] * (_GRID / 2)) / _GRID, 0.0)
   pick = lambda x, I: lax.dynamic_index_in_dim(x, I, axis=x.ndim - 3, keepdims=False)
 
   def row_block(I):                                                 # -> [..., sub, C] per row
     J = blk[:, None, None]
     m = pick(half, I)[..., None, :, :]                              # [..., 1, 1, K]
-    below, diag = J < I, (J == I) & fits
+    below, diag = J < I, (J == I) & diagonal_fits
     expo = jnp.where(below, rest + pick(mid, I)[..., None, :] + m, -jnp.inf)
     expo = jnp.where(diag, m - own, expo)                           # [..., nb(J), sub, K]
     expo_lo = jnp.where(below, rest_lo + pick(mid_lo, I)[..., None, :], -own_lo)
@@ -274,7 +274,8 @@ def _sub_block_scores(rows, b, g, *, diagonal_fits, precision=None):
   mask = _tril(C, False)
   scores = (jnp.where(mask, jnp.moveaxis(x, 0, -3).reshape(*x.shape[1:-2], C, C), 0.0)
             for x in by_rows)
-  bands = lax.cond(fits, lambda *_: tuple(jnp.zeros(b.shape[:-1] + (C,), b.dtype) for _ in rows),
+  bands = lax.cond(diagonal_fits,
+                   lambda *_: tuple(jnp.zeros(b.shape[:-1] + (C,), b.dtype) for _ in rows),
                    functools.partial(_diagonal_block_scores, sub=sub), rows, b, g)
   return tuple(map(jnp.add, scores, bands))
 
@@ -283,9 +284,9 @@ def _diagonal_block_scores(rows, b, g, *, sub: int):
   """The per-channel scores strictly below the diagonal inside the diagonal sub-blocks, one
   band at a time, for any gate.
 
-  Band d >= 1 holds the pairs (i, i - d) of each sub-block: sum_k a_ik b_{i-d,k} e^{g over (i-d, i]}
-  (an exponent <= 0). Bands run in a rematerialised loop so that no temporary, forward or
-  backward, is larger than [..., C, K]: differentiating a cond keeps both branches' residuals.
+  Band d >= 1 holds the pairs (i, i - d) of each sub-block:
+  sum_k a_ik b_{i-d,k} e^{g over (i-d, i]} (an exponent <= 0). Bands run in a rematerialised
+  loop so that no temporary, forward or backward, is larger than [..., C, K].
   """
   C = b.shape[-2]
   s = jnp.arange(C)
