@@ -285,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   for name in a.impls:
     if name not in IMPLS:
       p.error(f"--impls: unknown implementation {name!r}; choose from {IMPLS}")
+  if not a.gate_scale >= 0:
+    p.error(f"--gate-scale: got {a.gate_scale}; log-gates must stay <= 0, so it must be >= 0")
   if a.compare:
     try:
       import fla  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import

@@ -25,10 +25,13 @@ def test_gate_scale_scales_the_gates():
   assert (g1 < 0).all() and abs(g3 - 3 * g1).max() < 1e-6
 
 
-@pytest.mark.parametrize("argv", [["--ops", "mamba"], ["--impls", "triton"], ["--compare", "x"]])
-def test_bench_rejects_bad_arguments(argv):
+@pytest.mark.parametrize("argv, message", [
+    (["--ops", "mamba"], "--ops"), (["--impls", "triton"], "--impls"),
+    (["--compare", "x"], "--compare"), (["--gate-scale", "-1"], "--gate-scale")])
+def test_bench_rejects_bad_arguments(argv, message, capsys):
   with pytest.raises(SystemExit):
     bench.main(argv)
+  assert message in capsys.readouterr().err
 
 
 def test_model_flops_counts_householder_steps():

@@ -365,11 +365,13 @@ def test_solve_unit_lower_on_nearly_parallel_keys(beta, tol):
 def test_channel_scores_against_float64(gate_scale, chunk_fits, sub_blocks_fit, diagonal):
   from deltajax.ops import chunk
   ks = jax.random.split(jax.random.PRNGKey(0), 3)
-  a, b = jax.random.normal(ks[0], (2, 3, 64, 32)), jax.random.normal(ks[1], (3, 64, 32))
-  g = -gate_scale * jax.nn.softplus(jax.random.normal(ks[2], (3, 64, 32)))
+  # 18 chunks: the sub-block form runs 16 at a time, so this covers a group and a remainder.
+  a, b = jax.random.normal(ks[0], (2, 18, 64, 32)), jax.random.normal(ks[1], (18, 64, 32))
+  g = -gate_scale * jax.nn.softplus(jax.random.normal(ks[2], (18, 64, 32)))
   limit = chunk._MAX_FACTORED_DECAY
+  assert 16 <= chunk._GROUP < 18
   assert (-np.asarray(g).sum(axis=1).min() < limit) == chunk_fits
-  assert (-np.asarray(g).reshape(3, 4, 16, 32).sum(axis=2).min() < limit) == sub_blocks_fit
+  assert (-np.asarray(g).reshape(18, 4, 16, 32).sum(axis=2).min() < limit) == sub_blocks_fit
   mask = np.tril(np.ones((64, 64), bool), 0 if diagonal else -1)
   a64, b64, g64 = (np.asarray(x, np.float64) for x in (a, b, g))
   G = np.cumsum(g64, axis=-2)

@@ -1,7 +1,8 @@
 """The pure-JAX reference the kernels are checked against: the op layer's chunk form.
 
-`chunk_core` (all chunks, with its own custom_vjp) and `prepare` (per-chunk preparation with a
-triangular solve) live in deltajax.ops.chunk; the kernels must agree with them to float32
-rounding on the same chunked inputs.
+`prepare` (per-chunk preparation with a triangular solve; any leading axes) lives in
+deltajax.ops.chunk, and the kernels' per-chunk quantities must agree with it to float32
+rounding. Whole ops are compared through `deltajax.ops` (impl="pallas" against impl="chunk"
+and the recurrence), since `chunk_core` there is chunk-major and the kernels stream-major.
 """
-from deltajax.ops.chunk import Prepared, chunk_core, prepare  # noqa: F401
+from deltajax.ops.chunk import Prepared, prepare  # noqa: F401
