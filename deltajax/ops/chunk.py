@@ -115,7 +115,6 @@ def gated_scores(rows, b, g, *, diagonal: bool, precision=None):
     a tuple of [..., C, C], one per row factor.
   """
   C = b.shape[-2]
-  mask = _tril(C, diagonal)
   if g is not None and g.ndim == b.ndim:
     scores = _channel_scores(tuple(rows), b, g, precision=precision)
     if not diagonal:
@@ -124,6 +123,7 @@ def gated_scores(rows, b, g, *, diagonal: bool, precision=None):
     # be two large terms that cancel, leaving rounding noise in dg for strong gates.
     eye = jnp.eye(C, dtype=b.dtype)
     return tuple(s + jnp.sum(a * b, axis=-1)[..., :, None] * eye for s, a in zip(scores, rows))
+  mask = _tril(C, diagonal)
   decay = None if g is None else jnp.exp(jnp.where(mask, _segment_sums(g, -1), -jnp.inf))
   scores = (jnp.einsum("...ik,...jk->...ij", a, b, precision=precision) for a in rows)
   return tuple(jnp.where(mask, s, 0.0) if decay is None else s * decay for s in scores)
