@@ -13,7 +13,7 @@ from jax import lax
 
 from deltajax.layers import segments
 from deltajax.layers.common import Dtype, dense, output_init
-from deltajax.layers.delta import head_sizes
+from deltajax.layers.common import head_sizes
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:

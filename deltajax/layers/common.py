@@ -42,3 +42,25 @@ def dense(features: int, axes: tuple[str | None, str | None], *, name: str, dtyp
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
                   kernel_init=partitioned(kernel_init, axes),
                   bias_init=partitioned(nn.initializers.zeros_init(), (axes[1],)))
+
+
+def head_sizes(d_model: int, num_heads: int, head_dim, num_v_heads, expand_v) -> tuple[int, ...]:
+  """(H, HV, K, V) with ValueErrors naming the field that does not fit."""
+  if num_heads < 1:
+    raise ValueError(f"num_heads must be >= 1; got {num_heads}.")
+  if head_dim is None:
+    if d_model % num_heads:
+      raise ValueError(f"num_heads={num_heads} must divide d_model={d_model} "
+                       f"(or set head_dim).")
+    head_dim = d_model // num_heads
+  if head_dim < 1:
+    raise ValueError(f"head_dim must be >= 1; got {head_dim}.")
+  HV = num_heads if num_v_heads is None else num_v_heads
+  if HV < 1 or HV % num_heads:
+    raise ValueError(f"num_v_heads={num_v_heads} must be a positive multiple of "
+                     f"num_heads={num_heads}.")
+  V = head_dim * expand_v
+  if V < 1 or V != int(V):
+    raise ValueError(f"expand_v={expand_v} times head_dim={head_dim} must be a positive "
+                     f"integer; got {V}.")
+  return num_heads, HV, head_dim, int(V)

@@ -6,7 +6,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from deltajax.layers.delta import head_sizes
+from deltajax.layers.common import head_sizes
 from deltajax.layers.mlp import MLP_ACTIVATIONS
 
 MIXERS = ("deltanet", "gated_deltanet", "delta_product", "kda", "linear_attn", "attn")

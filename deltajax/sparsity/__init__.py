@@ -3,14 +3,14 @@
 Pure functions work on arrays under jit/vmap/scan; the linen modules `TopK` and
 `DeltaActivation` wrap them and sow their metrics into the "metrics" collection.
 """
-from deltajax.sparsity.delta import DeltaActivation
-from deltajax.sparsity.delta import DeltaConfig
-from deltajax.sparsity.delta import accumulate
-from deltajax.sparsity.delta import delta_l1
-from deltajax.sparsity.delta import delta_metrics
-from deltajax.sparsity.delta import quantize
-from deltajax.sparsity.delta import temporal_delta
-from deltajax.sparsity.delta import threshold_delta
+from deltajax.sparsity.delta_activation import DeltaActivation
+from deltajax.sparsity.delta_activation import DeltaConfig
+from deltajax.sparsity.delta_activation import accumulate
+from deltajax.sparsity.delta_activation import delta_l1
+from deltajax.sparsity.delta_activation import delta_metrics
+from deltajax.sparsity.delta_activation import quantize
+from deltajax.sparsity.delta_activation import temporal_delta
+from deltajax.sparsity.delta_activation import threshold_delta
 from deltajax.sparsity.metrics import delta_density
 from deltajax.sparsity.metrics import dense_macs
 from deltajax.sparsity.metrics import density

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from deltajax.sparsity.delta import DeltaConfig
+from deltajax.sparsity.delta_activation import DeltaConfig
 from deltajax.sparsity.topk import TopKConfig
 
 KINDS = {"topk": TopKConfig, "delta": DeltaConfig}

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from deltajax.sparsity import delta as delta_lib
+from deltajax.sparsity import delta_activation as delta_lib
 from deltajax.sparsity import metrics as M
 from deltajax.sparsity.schedules import prosparse_l1_schedule
 

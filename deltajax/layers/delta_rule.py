@@ -31,7 +31,7 @@ from jax import lax
 from deltajax import ops
 from deltajax.layers import gates
 from deltajax.layers import segments
-from deltajax.layers.common import Dtype, dense, output_init, partitioned
+from deltajax.layers.common import Dtype, dense, head_sizes, output_init, partitioned
 from deltajax.layers.conv import ShortConv
 from deltajax.layers.linear_attention import linear_attention
 from deltajax.layers.norms import GatedRMSNorm, RMSNorm
@@ -44,28 +44,6 @@ class MixerDims:
   K: int
   V: int
   n: int
-
-
-def head_sizes(d_model: int, num_heads: int, head_dim, num_v_heads, expand_v) -> tuple[int, ...]:
-  """(H, HV, K, V) with ValueErrors naming the field that does not fit."""
-  if num_heads < 1:
-    raise ValueError(f"num_heads must be >= 1; got {num_heads}.")
-  if head_dim is None:
-    if d_model % num_heads:
-      raise ValueError(f"num_heads={num_heads} must divide d_model={d_model} "
-                       f"(or set head_dim).")
-    head_dim = d_model // num_heads
-  if head_dim < 1:
-    raise ValueError(f"head_dim must be >= 1; got {head_dim}.")
-  HV = num_heads if num_v_heads is None else num_v_heads
-  if HV < 1 or HV % num_heads:
-    raise ValueError(f"num_v_heads={num_v_heads} must be a positive multiple of "
-                     f"num_heads={num_heads}.")
-  V = head_dim * expand_v
-  if V < 1 or V != int(V):
-    raise ValueError(f"expand_v={expand_v} times head_dim={head_dim} must be a positive "
-                     f"integer; got {V}.")
-  return num_heads, HV, head_dim, int(V)
 
 
 class DeltaMixerBase(nn.Module):
