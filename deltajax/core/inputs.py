@@ -1,0 +1,28 @@
+"""How every implementation loads q and k: in float32 (float64 stays), L2-normalised over K if
+asked, q scaled. The one place this is written, so every path normalises alike."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from deltajax.core.problem import Problem
+
+
+def as_float32(x):
+  """x in float32, or float64 for float64 x (how the tests run references); None stays."""
+  return None if x is None else x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def l2norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """x / sqrt(sum(x^2) + eps) over the last axis, in float32 (or float64 for float64 x)."""
+  x = as_float32(x)
+  return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def load_k(p: Problem, k: jax.Array) -> jax.Array:
+  return l2norm(k) if p.use_qk_l2norm else as_float32(k)
+
+
+def load_qk(p: Problem, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return load_k(p, q) * p.scale, load_k(p, k)
