@@ -119,6 +119,11 @@ def iota(shape, dim):
   return lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
+def f01(mask):
+  """A bool mask as float32 0/1, by a select (Mosaic rejects some i1 -> i8 extensions)."""
+  return jnp.where(mask, 1.0, 0.0).astype(F32)
+
+
 def row_to_col(x):
   """[1, C] -> [C, 1], by a masked reduction (no transpose)."""
   C = x.shape[1]
@@ -161,7 +166,7 @@ def unit_lower_inverse(A, nm: Numerics):
   """
   C = A.shape[0]
   i, j = iota((C, C), 0), iota((C, C), 1)
-  eye = (i == j).astype(F32)
+  eye = f01(i == j)
   P = eye - jnp.where(((i >> 1) == (j >> 1)) & (i > j), A, 0.0)
   b = 2
   while b < C:
@@ -188,7 +193,7 @@ def _head_gates(g_row, ctx: Chunk):
   g_col = row_to_col(g_row)                                        # [C, 1]
   t, j = iota((C, C), 0), iota((C, C), 1)
   terms = jnp.where(t > j, g_col, 0.0)                             # [t, j]: g_t for t > j
-  seg = mm_mask((t >= j).astype(F32), terms, NN, nm)               # [i, j]: sum_{j<t<=i} g_t
+  seg = mm_mask(f01(t >= j), terms, NN, nm)               # [i, j]: sum_{j<t<=i} g_t
   g0 = g_col[0:1, :]
   G = seg[:, 0:1] + g0
   rest = row_to_col(seg[C - 1:C, :])
@@ -199,7 +204,7 @@ def _head_gates(g_row, ctx: Chunk):
     seg_ro, G_ro = seg, G
   else:
     ro = readout_rows(Ct, n, C)
-    R = (iota((Ct, C), 1) <= ro).astype(F32)                       # [i, t]: t <= ro(i)
+    R = f01(iota((Ct, C), 1) <= ro)                       # [i, t]: t <= ro(i)
     seg_ro = mm_mask(R, terms, NN, nm)
     G_ro = seg_ro[:, 0:1] + g0
   upto = iota((Ct, C), 1) <= readout_rows(Ct, n, C)
@@ -222,8 +227,8 @@ def _level_sums(g, nm: Numerics):
     sh = b.bit_length() - 1
     upper_i = ((i >> sh) & 1) == 1
     m = ((i >> (sh + 1)) << (sh + 1)) + (b - 1)                    # m of row i's 2b-block
-    M = jnp.where(upper_i, (t > m) & (t <= i), (t > i) & (t <= m))
-    E = mm_mask(M.astype(F32), g, NN, nm)
+    M = jnp.where(upper_i, f01((t > m) & (t <= i)), f01((t > i) & (t <= m)))
+    E = mm_mask(M, g, NN, nm)
     upper = ((iota((C, 1), 0) >> sh) & 1) == 1
     out.append((b, upper, E))
     b //= 2
@@ -283,8 +288,8 @@ def chunk_forward(q, k, v, beta, g, S, seg, ctx: Chunk):
   if ctx.gate == "channel":
     gg = jnp.maximum(g, GATE_FLOOR)
     KK, QK = channel_scores(kf, qf, gg, nm)
-    G = mm_mask((i >= j).astype(F32), gg, NN, nm)
-    rest = mm_mask((j > i).astype(F32), gg, NN, nm)
+    G = mm_mask(f01(i >= j), gg, NN, nm)
+    rest = mm_mask(f01(j > i), gg, NN, nm)
     eG = eG_ro = jnp.exp(G)
     eRest = jnp.exp(rest)
     D = row_to_col(jnp.exp(G[C - 1:C, :]))                           # [Kp, 1]

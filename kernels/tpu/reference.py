@@ -39,7 +39,8 @@ def token_loop(p: Problem, q, k, v, beta, g, h0, docs: Documents | None):
   if g is not None:
     xs["g"] = jnp.moveaxis(g.astype(dt), 1, 0)
   if docs is not None:
-    is_last = jnp.zeros((p.B, p.T), bool).at[docs.stream, docs.last].set(~docs.empty)
+    # max, not set: an empty document shares its `last` with the one before it.
+    is_last = jnp.zeros((p.B, p.T), bool).at[docs.stream, docs.last].max(~docs.empty)
     xs.update(reset=docs.reset.T, doc=docs.doc.T, last=is_last.T)
 
   def step(carry, x):
