@@ -103,27 +103,30 @@ def chunked(p: Problem, q, k, v, beta, g, h0, docs: Documents | None, numerics=N
     segment = None
   h0 = jnp.zeros((p.N, p.HV, p.K, p.V), jnp.float32) if h0 is None else h0.astype(jnp.float32)
 
-  def one(b, hv, S, c):
-    h = hv // G
-    gg = None
-    if gc is not None:
-      gg = gc[b, c, :, hv][None].astype(jnp.float32) if p.gate == "head" else gc[b, c, :, hv]
-    seg = None
-    if segment is not None:
-      st = jnp.repeat(segment[b, c], n)
-      seg = (st[:, None], st[None, :], segment[b, c][:, None])
-    S = jnp.where(start[b, c], h0[seq[b, c], hv], S)
-    o, S, _ = maths.chunk_forward(qc[b, c, :, h], kc[b, c, :, h], vc[b, c, :, hv],
-                                  bc[b, c, :, hv][None].astype(jnp.float32), gg, S, seg, ctx)
-    return S, o
+  heads = jnp.arange(p.HV)
 
-  o = jnp.zeros((p.B, nc, Ct, p.HV, p.V), jnp.float32)
-  finals = []
-  for b in range(p.B):
-    for hv in range(p.HV):
-      S, ob = lax.scan(lambda S, c: one(b, hv, S, c), jnp.zeros((p.K, p.V), jnp.float32),
-                       jnp.arange(nc))
-      o = o.at[b, :, :, hv].set(ob)
-      finals.append(S)
-  o = o.reshape(p.B, nc * Ct, p.HV, p.V)[:, :p.T].astype(p.dtype)
-  return o, jnp.stack(finals).reshape(p.B, p.HV, p.K, p.V)
+  def scan_one(b, hv):
+    """Every chunk of stream b, value head hv: o [nc, Ct, V], final [K, V]."""
+    h = hv // G
+
+    def step(S, c):
+      gg = None
+      if gc is not None:
+        gg = (gc[b, c, :, hv][None].astype(jnp.float32) if p.gate == "head"
+              else gc[b, c, :, hv])
+      seg = None
+      if segment is not None:
+        st = jnp.repeat(segment[b, c], n)
+        seg = (st[:, None], st[None, :], segment[b, c][:, None])
+      S = jnp.where(start[b, c], h0[seq[b, c], hv], S)
+      o, S, _ = maths.chunk_forward(qc[b, c, :, h], kc[b, c, :, h], vc[b, c, :, hv],
+                                    bc[b, c, :, hv][None].astype(jnp.float32), gg, S, seg, ctx)
+      return S, o
+
+    S, o = lax.scan(step, jnp.zeros((p.K, p.V), jnp.float32), jnp.arange(nc))
+    return o, S
+
+  over_heads = jax.vmap(scan_one, in_axes=(None, 0))
+  o, finals = jax.jit(jax.vmap(over_heads, in_axes=(0, None)))(jnp.arange(p.B), heads)
+  o = jnp.moveaxis(o, 1, 3).reshape(p.B, nc * Ct, p.HV, p.V)[:, :p.T].astype(p.dtype)
+  return o, finals
