@@ -179,6 +179,7 @@ def run(p: Problem, q, k, v, beta, g, h0, docs: Documents | None, *,
   check(p, q, k, v, beta, g, h0)
   if interpret is True:
     interpret = interpret_params()
+  interpret = interpret or False
   B, T, H, HV, K, V, n = p.B, p.T, p.H, p.HV, p.K, p.V, p.n
   Ct, nc = p.tokens_per_chunk, p.num_chunks
   o_add = sadd = None
