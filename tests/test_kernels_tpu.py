@@ -10,6 +10,9 @@ chunks and an empty one, DeltaProduct, q/k L2 norm, bfloat16, and g = -inf.
 """
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,10 +80,33 @@ def _values_and_grads(fn, args, seed=1):
   return o, s, vjp((cto, cts))
 
 
+@contextlib.contextmanager
+def no_races():
+  """Fails if the TPU interpreter found a race in any kernel run inside.
+
+  The interpreter only prints a race and sets `races_found` on its race-detection state, a
+  module global it replaces per kernel run (jax 0.10.2, private module): keep every state.
+  """
+  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc  # pylint: disable=g-import-not-at-top
+  states = []
+
+  class Recording(ipc.RaceDetectionState):
+    def __init__(self, *a, **kw):
+      super().__init__(*a, **kw)
+      states.append(self)
+
+  with mock.patch.object(ipc, "RaceDetectionState", Recording):
+    yield
+  assert states, "the interpreter created no race-detection state: is race detection on?"
+  assert not any(s.races_found for s in states), "the TPU interpreter detected a race"
+
+
 def check_against_token_loop(p, args, docs, options):
   kernel = _with_empty_passthrough(
       lambda *a: run(p, *a, docs, options=options, interpret=True), docs)
-  got = jax.jit(lambda *a: _values_and_grads(kernel, a))(*args)
+  with no_races():
+    got = jax.jit(lambda *a: _values_and_grads(kernel, a))(*args)
+    jax.block_until_ready(got)
   with jax.enable_x64(True):
     up = [None if a is None else jnp.asarray(a, jnp.float64) for a in args]
     want = _values_and_grads(lambda *a: reference.token_loop(p, *a, docs), up)

@@ -48,10 +48,14 @@ def make_args(op, *, B, T, H, K, V, HV=None, n=2, dtype="bfloat16", seed=0):
   return tuple(map(cast, (q, k, v, g, beta)))
 
 
+CHECK_SHAPE = dict(B=1, T=333, H=2, HV=4, K=128, V=128, chunk_size=64)
+KERNEL_CONFIG = dict(backend="tpu")  # the tests run this module's functions interpreted
+
+
 def _fn(op, impl, **kw):
   from deltajax import ops  # pylint: disable=g-import-not-at-top
   from deltajax.kernels import KernelConfig  # pylint: disable=g-import-not-at-top
-  extra = dict(kernel_config=KernelConfig(backend="tpu")) if impl == "pallas" else {}
+  extra = dict(kernel_config=KernelConfig(**KERNEL_CONFIG)) if impl == "pallas" else {}
   return lambda *a, h0=None: getattr(ops, op)(*a, initial_state=h0, impl=impl, **kw, **extra)
 
 
@@ -62,13 +66,14 @@ def _rel(a, b):
 
 def check(op, dtype) -> float:
   """Worst relative RMS error of pallas against chunk over o, final and every gradient."""
-  B, T, H, HV, K, V = 1, 333, 2, 4, 128, 128
+  B, T, H, HV, K, V = (CHECK_SHAPE[x] for x in ("B", "T", "H", "HV", "K", "V"))
   args = make_args(op, B=B, T=T, H=H, HV=HV, K=K, V=V, dtype=dtype)
-  cu = jnp.asarray([0, 50, 50, 200, T], jnp.int32)
+  cu = jnp.asarray([0, T // 7, T // 7, T // 2, T], jnp.int32)
   h0 = jax.random.normal(jax.random.PRNGKey(7), (4, HV, K, V))
 
   def run(impl):
-    fn = _fn(op, impl, output_final_state=True, cu_seqlens=cu, use_qk_l2norm=True)
+    fn = _fn(op, impl, output_final_state=True, cu_seqlens=cu, use_qk_l2norm=True,
+             chunk_size=CHECK_SHAPE["chunk_size"])
 
     def vjp(a, h):
       (o, s), back = jax.vjp(lambda a, h: fn(*a, h0=h), a, h)
