@@ -209,7 +209,8 @@ def test_plan_fits_the_budget_and_heads_divide():
 
 @pytest.mark.parametrize("field, value", [
     ("chunks_per_step", 0), ("heads_per_step", -1), ("rows_per_step", 0),
-    ("generation", "v9"), ("precision", "fp8"), ("vmem_limit_bytes", 1.5)])
+    ("generation", "v9"), ("precision", "fp8"), ("vmem_limit_bytes", 1.5),
+    ("inverse_precision", "f16")])
 def test_bad_options(field, value):
   with pytest.raises(ValueError, match=f"TpuOptions.{field}"):
     TpuOptions(**{field: value})

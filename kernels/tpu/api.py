@@ -66,9 +66,10 @@ def check(p: Problem, q, k, v, beta, g, h0) -> None:
 
 
 def _numerics(p: Problem, options: TpuOptions) -> maths.Numerics:
-  if options.precision == "auto":
-    return maths.Numerics("float32" if p.dtype in ("float32", "float64") else "bfloat16")
-  return maths.Numerics(options.precision)
+  operand = options.precision
+  if operand == "auto":
+    operand = "float32" if p.dtype in ("float32", "float64") else "bfloat16"
+  return maths.Numerics(operand, inverse=options.inverse_precision)
 
 
 def plan(p: Problem, options: TpuOptions, *, q_dtype, k_dtype, v_dtype, g_dtype,

@@ -397,11 +397,12 @@ def chunk_flops(pl_: Plan) -> dict[str, float]:
   """Matmul FLOPs (2 per multiply-add) of one chunk of one value head in the forward, by part,
   counting the MXU passes of the chosen precision (3 for the split products in 16-bit mode)."""
   C, Ct, Kp, Vp, n = pl_.C, pl_.Ct, pl_.Kp, pl_.Vp, pl_.ctx.n
-  split = 1 if pl_.ctx.numerics.f32 else 3
+  nm = pl_.ctx.numerics
+  split = 1 if nm.f32 else 3
   levels = max(C.bit_length() - 2, 0)                     # inverse rounds with products
   out = dict(
       scores=2.0 * C * C * Kp + 2.0 * Ct * C * Kp,
-      inverse=2 * levels * 2.0 * C ** 3 * split,
+      inverse=2 * levels * 2.0 * C ** 3 * (1 if nm.inverse == "bfloat16" else split),
       wu=2.0 * C * C * (Kp + Vp),
       state=2.0 * (C + Ct) * Kp * Vp + 2.0 * Ct * C * Vp + 2.0 * C * Kp * Vp)
   gate = pl_.ctx.gate
