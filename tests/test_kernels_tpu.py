@@ -1,12 +1,12 @@
-"""The Mosaic TPU kernels (deltajax.kernels.tpu) in the TPU interpreter, against the float64
-token loop, and their maths, options and errors on CPU.
+"""The Mosaic TPU kernels (deltajax.kernels.tpu) in the TPU interpreter, and their maths,
+options and errors on CPU.
 
-The interpreter runs with its checks on (`interpret_params()`: uninitialised memory reads as
-NaN, out-of-bounds reads raise, races are detected). It is slow (every kernel op is a host
-callback and K, V pad to 128 lanes), so each case below packs several features: together they
-cover every gate kind, grouped value heads with dq/dk summed across grid steps, partial chunks
-and partial row blocks, initial and final states, packed documents starting and ending inside
-chunks and an empty one, DeltaProduct, q/k L2 norm, bfloat16, and g = -inf.
+`TestMosaicTPU` runs the shared test base (tests/op_test_base.py) on the kernels in the TPU
+interpreter with its checks on (uninitialised memory reads as NaN, out-of-bounds reads raise,
+races are detected). The interpreter is slow (every memory op is a host callback and K, V pad
+to 128 lanes), so the few cases here add only what the base does not reach: value heads split
+over grid steps (dq, dk summed across steps), row blocks running past the end, g = -inf,
+packed documents without initial states, and the race check made to fail the test.
 """
 from __future__ import annotations
 
@@ -20,8 +20,17 @@ import pytest
 
 from deltajax.core.documents import from_cu_seqlens
 from deltajax.core.problem import Problem
+from deltajax.kernels import KernelConfig
 from deltajax.kernels.config import TpuOptions
 from deltajax.kernels.tpu import api, maths, reference, run
+from op_test_base import OpTestBase
+
+
+class TestMosaicTPU(OpTestBase):
+  """The shared test base on the TPU kernels in the TPU interpreter (checks on)."""
+  impl = "pallas"
+  kernel_config = KernelConfig(backend="tpu", interpret=True)
+  low_precision_ops = ("delta_product",)
 
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}
 
@@ -120,45 +129,28 @@ def check_against_token_loop(p, args, docs, options):
     assert err < TOL[p.dtype], f"{name}: relative RMS error {err:.3g} >= {TOL[p.dtype]}"
 
 
-# --- the kernels in the TPU interpreter -------------------------------------------------------
+# --- the kernels in the TPU interpreter, beyond the shared base --------------------------------
 
-def test_gated_grouped_heads_partial_chunks():
-  # 2 value heads on one q/k head, one per grid step: dq, dk sum over steps. T = 37: a
-  # partial chunk, and 3 chunks in row blocks of 2: a partial row block.
-  p, args, docs = make("head", T=37, H=1, HV=2)
+def test_grid_steps_split_heads_and_chunks():
+  # One of 2 value heads per grid step, so dq, dk sum over grid steps; row blocks of 2 chunks
+  # over 3, so one chunk past the end runs as a no-op. KDA with packed documents that start
+  # and end inside chunks (the last one in the last, partial chunk), an empty one, and initial
+  # states: the S_add / o_add glue, the segment masks and the per-document finals.
+  p, args, docs = make("channel", T=44, H=1, HV=2, cu=(0, 5, 5, 40, 44))
   check_against_token_loop(p, args, docs, TpuOptions(chunks_per_step=2, heads_per_step=1))
 
 
-def test_kda_packed_documents_with_initial_states():
-  # Documents start and end inside chunks (5, 40), one is empty, and every one has an initial
-  # state: the S_add / o_add glue, the segment masks and the per-document finals. Row blocks
-  # of 3 chunks over 4: two chunks past the end run as no-ops.
-  # (T >= 40 + chunk_size: deltajax.core.packing.inject_initial_states double-counts rows of a
-  # document that starts within a chunk of the end, on every implementation; reported.)
-  p, args, docs = make("channel", T=60, cu=(0, 5, 5, 40, 60))
-  check_against_token_loop(p, args, docs, TpuOptions(chunks_per_step=3))
-
-
-def test_delta_product_bfloat16():
-  p, args, docs = make("head", T=20, n=2, HV=2, dtype="bfloat16")
-  check_against_token_loop(p, args, docs, TpuOptions(heads_per_step=2))
-
-
-def test_delta_rule_no_initial_state_packed():
-  p, args, docs = make(None, T=24, B=1, H=2, HV=2, cu=(0, 16, 24), h0=False)
-  check_against_token_loop(p, args, docs, TpuOptions())
-
-
-def test_kda_gates_down_to_minus_infinity():
+def test_kda_gates_down_to_minus_infinity_packed_without_initial_states():
   # g = -inf wipes the state; strong finite gates (~ -20 per token) must stay finite too.
-  p, (q, k, v, beta, g, h0), docs = make("channel", T=16, gate_scale=20.0)
+  p, (q, k, v, beta, g, h0), docs = make("channel", T=16, gate_scale=20.0, cu=(0, 7, 16),
+                                         h0=False)
   g = g.at[0, 5, 0, :3].set(-jnp.inf).at[0, 9, 1].set(-jnp.inf)
   check_against_token_loop(p, (q, k, v, beta, g, h0), docs, TpuOptions())
 
 
 # --- the maths, without Pallas ----------------------------------------------------------------
 
-@pytest.mark.parametrize("gate, n, cu", [("head", 2, None), ("channel", 1, (0, 16, 20, 40))])
+@pytest.mark.parametrize("gate, n, cu", [("channel", 1, (0, 16, 20, 40))])
 def test_chunk_maths_match_token_loop(gate, n, cu):
   """`reference.chunked` (the kernels' per-chunk maths under lax.scan) against the token loop,
   in float32 and in the 16-bit mode (bfloat16 operands, split-exact gate sums, x3 inverse)."""
