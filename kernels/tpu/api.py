@@ -183,9 +183,13 @@ def run(p: Problem, q, k, v, beta, g, h0, docs: Documents | None, *,
   interpret = interpret or False
   B, T, H, HV, K, V, n = p.B, p.T, p.H, p.HV, p.K, p.V, p.n
   Ct, nc = p.tokens_per_chunk, p.num_chunks
+  # The packing glue sums gates by products with 0/1 matrices, where 0 * -inf is NaN: it gets
+  # them clamped as the kernels clamp them (e^-8192 is 0 in float32; the gradient below is 0,
+  # as e^g's at -inf).
+  g_glue = None if g is None else jnp.maximum(g, jnp.asarray(maths.GATE_FLOOR, g.dtype))
   o_add = sadd = None
   if docs is not None and h0 is not None:
-    v, o_add, sadd = packing.inject_initial_states(p, q, k, v, g, h0, docs)
+    v, o_add, sadd = packing.inject_initial_states(p, q, k, v, g_glue, h0, docs)
   pl_ = plan(p, options, q_dtype=q.dtype, k_dtype=k.dtype, v_dtype=v.dtype,
              g_dtype=None if g is None else g.dtype, has_sadd=sadd is not None,
              interpret=interpret)
@@ -232,4 +236,4 @@ def run(p: Problem, q, k, v, beta, g, h0, docs: Documents | None, *,
     return o, final[:, :, :K, :V]
   S_in = jnp.moveaxis(states[:, :, :nc, :K, :V], 2, 1)                  # [B, nc, HV, K, V]
   v_steps = vnew.reshape(B, ncp, C, HV, Vp)[:, :nc, :, :, :V]
-  return o, packing.document_finals(p, k, g, h0, docs, S_in, v_steps)
+  return o, packing.document_finals(p, k, g_glue, h0, docs, S_in, v_steps)
