@@ -43,7 +43,7 @@ from jax import lax
 
 from deltajax.core import packing
 from deltajax.core.documents import Documents, chunk_documents
-from deltajax.core.inputs import as_float32, load_qk
+from deltajax.core.inputs import as_float32, load_g, load_qk
 from deltajax.core.problem import Problem
 from deltajax.ops.scores import gated_scores, segment_sums, sum_over, tril
 from deltajax.ops.triangular import solve_unit_lower
@@ -94,7 +94,7 @@ def prepare(q, k, v, beta, g, segment, *, p: Problem, precision=None) -> Prepare
   n, C = p.n, k.shape[-2]
   q, k = load_qk(p, q, k)
   v, beta = as_float32(v), as_float32(beta)
-  gs = _gate_steps(as_float32(g), n)
+  gs = _gate_steps(load_g(g), n)
   gc = None if gs is None else (gs[..., None] if p.gate == "head" else gs)   # [.., C, 1|K]
   same = None if segment is None else segment[..., :, None] == segment[..., None, :]
 
