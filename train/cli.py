@@ -32,12 +32,16 @@ def parse_args(argv: Sequence[str]) -> config_lib.Config:
   """argv -> Config. A bad preset, option or value prints an error naming it to stderr and
   raises SystemExit(2); --help prints every option and raises SystemExit(0)."""
   argv = list(argv)
-  name = argv.pop(0) if argv and not argv[0].startswith("-") else presets.DEFAULT_PRESET
+  prog, name = "deltajax-train", presets.DEFAULT_PRESET
+  if argv and not argv[0].startswith("-"):
+    name = argv.pop(0)
+    prog += f" {name}"
   if name not in presets.PRESETS:
     print(f"deltajax-train: error: preset: got {name!r}, need one of "
           f"{', '.join(presets.PRESETS)} (see --help)", file=sys.stderr)
     raise SystemExit(2)
-  return config_lib.parse(presets.default_config(name), argv, description=description(name))
+  return config_lib.parse(presets.default_config(name), argv, prog=prog,
+                          description=description(name))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ and checkpoints the state together with the iterator's position.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -268,37 +269,39 @@ def train_and_evaluate(config: Config, workdir: str, *, mesh=None, quiet: bool =
   run = config.run
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config, mesh)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), run.keep_checkpoints)
-  data = trainer.train_iterator()
+  with contextlib.ExitStack() as cleanup:  # closed in reverse order, on every way out
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), run.keep_checkpoints)
+    cleanup.callback(ckpt.close)  # waits for the last save
+    data = trainer.train_iterator()
+    cleanup.callback(data.close)
+    start = ckpt.latest_step() or 0
+    state = (ckpt.restore(start, trainer.abstract_state, data) if start
+             else trainer.fresh_state())
+    console = metrics_lib.Progress(run.steps, start, enabled=not quiet)
+    cleanup.callback(console.close)
+    if start:
+      console.print(f"resumed from step {start} ({ckpt.directory})")
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(to_dict(config), f, indent=1)
+    jsonl = os.path.join(workdir, "metrics.jsonl")
+    metrics_lib.truncate_jsonl(jsonl, start)
+    writer = metrics_lib.Writer(workdir, run.tensorboard)
+    cleanup.callback(writer.close)
 
-  start = ckpt.latest_step() or 0
-  state = (ckpt.restore(start, trainer.abstract_state, data) if start
-           else trainer.fresh_state())
-  console = metrics_lib.Progress(run.steps, start, enabled=not quiet)
-  if start:
-    console.print(f"resumed from step {start} ({ckpt.directory})")
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(to_dict(config), f, indent=1)
-  jsonl = os.path.join(workdir, "metrics.jsonl")
-  metrics_lib.truncate_jsonl(jsonl, start)
-  writer = metrics_lib.Writer(workdir, run.tensorboard)
+    def log(record):
+      writer.write(record)
+      console.record(record)
 
-  def log(record):
-    writer.write(record)
-    console.record(record)
-
-  peak = metrics_lib.peak_flops(jax.devices()[0])
-  flops_tok = _tokens_flops(config) if peak else None
-  tokens_per_step = config.data.batch_size * config.data.seq_len
-  schedule = learning_rate(config.optim, run.steps)
-  losses: list[float] = []
-  window: dict[str, float] = {}
-  # Throughput counts steps after the first one of this process (which includes compiling).
-  n_window, n_timed, t_window = 0, 0, time.time()
-  last_eval: dict[str, float] = {}
-  step = start
-  try:
+    peak = metrics_lib.peak_flops(jax.devices()[0])
+    flops_tok = _tokens_flops(config) if peak else None
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    schedule = learning_rate(config.optim, run.steps)
+    losses: list[float] = []
+    window: dict[str, float] = {}
+    # Throughput counts steps after the first one of this process (which includes compiling).
+    n_window, n_timed, t_window = 0, 0, time.time()
+    last_eval: dict[str, float] = {}
     for step in range(start + 1, run.steps + 1):
       state, m = trainer.train_step(state, trainer.put_train_batch(next(data)))
       m = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -341,11 +344,6 @@ def train_and_evaluate(config: Config, workdir: str, *, mesh=None, quiet: bool =
       log({"step": step, **last_eval})
     if ckpt.latest_step() != step:
       ckpt.save(step, state, data)
-  finally:
-    console.close()
-    ckpt.close()
-    writer.close()
-    data.close()
   plot = None
   if run.plot and jax.process_index() == 0:
     plot = metrics_lib.plot_curves(jsonl, os.path.join(workdir, "curves.png"),

@@ -81,8 +81,4 @@ class Source:
     return self.batches(split, seq_len, batch_size)[index]
 
 
-def make_source(cfg) -> Source:
-  return Source(cfg)
-
-
-__all__ = ["Batch", "Source", "make_source", "read_options", "task_vocab_size"]
+__all__ = ["Batch", "Source", "read_options", "task_vocab_size"]
