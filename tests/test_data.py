@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import grain
 import numpy as np
@@ -207,6 +208,23 @@ def test_tfds_without_the_data_extra_says_how_to_install(monkeypatch):
     Source(DataConfig(task="text", text_source="tfds:tiny_shakespeare"))
 
 
+def test_tfds_dataset_not_prepared_is_refused_without_a_download(monkeypatch):
+  """The branch taken for a dataset that is not on disk, with a stand-in for tfds (the real
+  library is checked below when the `data` extra is installed)."""
+  class Builder:
+    data_dir = "/data/tfds/tiny_shakespeare/1.0.0"
+    is_prepared = staticmethod(lambda: False)
+    download_and_prepare = as_data_source = None  # never called
+  fake = types.SimpleNamespace(
+      builder=lambda name: Builder(),
+      core=types.SimpleNamespace(registered=types.SimpleNamespace(
+          DatasetNotFoundError=LookupError)))
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+  with pytest.raises(ValueError, match=r"'tiny_shakespeare' is not available offline \(not "
+                     r"prepared in /data/tfds/tiny_shakespeare/1.0.0\)"):
+    Source(DataConfig(task="text", text_source="tfds:tiny_shakespeare"))
+
+
 def test_tfds_dataset_not_on_disk_says_it_is_not_available_offline(tmp_path):
   """With tensorflow-datasets installed (the `data` extra), a dataset that is not prepared is
   an error at once, not a download that hangs without network."""
@@ -261,3 +279,11 @@ def test_bad_overrides_name_the_key(overrides, match):
 def test_unknown_preset_is_named():
   with pytest.raises(ValueError, match="preset: got 'nope'"):
     build_config("nope")
+
+
+def test_the_pipeline_benchmark_measures_tokens_per_second():
+  from deltajax.train import bench  # pylint: disable=g-import-not-at-top
+  cfg = build_config("parity", {"data.seq_len": "16", "data.batch_size": "8"})
+  assert bench.pipeline_tokens_per_s(cfg, seconds=0.05) > 0
+  with pytest.raises(SystemExit):
+    bench.main(["nopreset"])
