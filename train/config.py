@@ -35,8 +35,7 @@ class DataConfig:
   batch_size: int = 32
   """Rows per optimiser step, global: over all processes, devices and micro-batches."""
   vocab_size: int = 64
-  """Task vocabulary (MQAR keys + values, selective-copy data tokens). Fixed by the other
-  tasks: parity 2, modadd `modulus`, s3 6, s5 120, text 256 bytes."""
+  """Vocabulary of mqar (keys + values) and selective_copy; fixed by the other tasks."""
   num_kv_pairs: int = 4
   """MQAR key-value pairs per row."""
   modulus: int = 5
