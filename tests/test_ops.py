@@ -245,6 +245,15 @@ def test_kernel_config_must_fit_the_platform():
   _raises(lambda: KernelConfig(interpret=True), "interpret=True needs backend")
 
 
+def test_interpret_needs_the_backends_interpreter(monkeypatch):
+  from deltajax.kernels import KernelConfig, config
+  monkeypatch.setitem(config._INTERPRETERS, "tpu", lambda: None)  # a jax without it
+  (q, k, v, beta), _ = _good()
+  _raises(lambda: ops.delta_rule(q, k, v, beta, impl="pallas",
+                                 kernel_config=KernelConfig(backend="tpu", interpret=True)),
+          "KernelConfig.interpret=True", "backend='tpu'", "interpreter", "impl='chunk'")
+
+
 def test_unknown_impl():
   (q, k, v, beta), _ = _good()
   _raises(lambda: ops.delta_rule(q, k, v, beta, impl="triton"), "impl", "'triton'",
