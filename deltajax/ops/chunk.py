@@ -13,10 +13,11 @@ and columns j over steps, and q scaled:
 Documents live inside the chunk grid: a token that starts a document splits its chunk into
 segments. `same_i_j` masks pairs of different segments; `first` keeps the rows of the segment
 that continues the state entering the chunk, `last` those of the segment that leaves it, and
-D = exp(decay of the chunk) is 0 when the chunk holds a boundary. A document that starts inside
-a chunk begins from zeros, or from its initial state through the rows of its own segment
-(`_inject`). A chunk starting a document loads its initial state before step 3. So the chunk
-count is ceil(T / Ct) whatever the number of documents.
+D = exp(decay of the chunk) is 0 when the chunk holds a boundary. A chunk whose first token
+starts a document enters with that document's initial state (zeros without one); a document
+starting inside a chunk starts from zeros here, and its initial state (like the final state of
+one ending inside a chunk) is a linear correction around this core (deltajax.core.packing). So
+the chunk count is ceil(T / Ct) whatever the number of documents.
 
 DeltaProduct's n steps per token are rows of their own (the gate on a token's first step); q
 is read at each token's last step, so O and the scores Q K^T have Ct rows, not C.
