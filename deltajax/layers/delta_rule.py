@@ -118,8 +118,8 @@ class DeltaMixerBase(nn.Module):
                  use_bias=use_bias, **kw)
 
   def _op_kwargs(self, initial_state, cu_seqlens) -> dict:
-    # The final state is only read when decoding (a cache); packed rows never ask for it.
-    return dict(initial_state=initial_state, output_final_state=cu_seqlens is None,
+    # The final state is only read when decoding, which passes the cache's state in.
+    return dict(initial_state=initial_state, output_final_state=initial_state is not None,
                 cu_seqlens=cu_seqlens, use_qk_l2norm=True, chunk_size=self.chunk_size,
                 impl=self.impl, kernel_config=self.kernel_config)
 
