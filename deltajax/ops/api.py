@@ -17,6 +17,7 @@ from deltajax.core import documents
 from deltajax.core.inputs import l2norm
 from deltajax.core.problem import Problem
 from deltajax.ops import checks
+from deltajax.ops import context_parallel
 from deltajax.ops import registry
 
 __all__ = ["delta_rule", "gated_delta_rule", "kda", "delta_product", "l2norm", "resolve_impl"]
@@ -43,11 +44,12 @@ def _check_supported(impl: str, p: Problem) -> None:
 
 
 def _run(q, k, v, beta, g, *, gate, steps: bool, scale, initial_state, output_final_state,
-         cu_seqlens, use_qk_l2norm, chunk_size, impl, kernel_config):
+         cu_seqlens, use_qk_l2norm, chunk_size, impl, kernel_config, cp_axis=None):
   """Shared body of every op. Single-step ops pass k, v, beta without the step axis."""
+  shards = context_parallel.axis_size(cp_axis)
   dims = checks.check_inputs(q, k, v, beta, g, gate=gate, n=1 if steps else None,
                              initial_state=initial_state, cu_seqlens=cu_seqlens,
-                             chunk_size=chunk_size, impl=impl, scale=scale)
+                             chunk_size=chunk_size, impl=impl, scale=scale, time_shards=shards)
   if kernel_config is not None:
     kernel_config.check_usable(_platform(jax.default_backend()))
   if not steps:
@@ -58,21 +60,29 @@ def _run(q, k, v, beta, g, *, gate, steps: bool, scale, initial_state, output_fi
               use_qk_l2norm=bool(use_qk_l2norm), chunk_size=int(chunk_size),
               has_initial_state=initial_state is not None,
               output_final_state=bool(output_final_state), dtype=jnp.dtype(q.dtype).name)
+  if cp_axis is not None:  # time split over a mesh axis: deltajax/ops/context_parallel.py
+    local = lambda p, *args: _dispatch(impl, p, args, kernel_config)
+    o, final, docs = context_parallel.run(p, impl, local, q, k, v, beta, g, initial_state,
+                                          cu_seqlens, cp_axis)
+    return _finish(p, o, final, initial_state, docs)
   docs = None if cu_seqlens is None else documents.from_cu_seqlens(cu_seqlens, dims.B, dims.T)
-  args = (q, k, v, beta, g, initial_state, docs)
+  o, final = _dispatch(impl, p, (q, k, v, beta, g, initial_state, docs), kernel_config)
+  return _finish(p, o, final, initial_state, docs)
+
+
+def _dispatch(impl: str, p: Problem, args, kernel_config):
+  """(o, final) of the implementation `impl` names for `p`; args (q, k, v, beta, g, h0, docs)."""
   if impl == "auto":
     chosen = {platform: registry.choose(p, platform) for platform in registry.PLATFORMS}
     if len(set(chosen.values())) == 1:
       impl = chosen["cpu"]
     else:  # picked by the platform being lowered for, so cross-lowering picks right
       run = lambda name: lambda *a: registry.IMPLEMENTATIONS[name].run(p, *a, kernel_config)
-      o, final = jax.lax.platform_dependent(
+      return jax.lax.platform_dependent(
           *args, default=run(chosen["cpu"]), cuda=run(chosen["gpu"]), rocm=run(chosen["gpu"]),
           tpu=run(chosen["tpu"]))
-      return _finish(p, o, final, initial_state, docs)
   _check_supported(impl, p)
-  o, final = registry.IMPLEMENTATIONS[impl].run(p, *args, kernel_config)
-  return _finish(p, o, final, initial_state, docs)
+  return registry.IMPLEMENTATIONS[impl].run(p, *args, kernel_config)
 
 
 def _finish(p: Problem, o, final, initial_state, docs):
@@ -87,7 +97,7 @@ def _finish(p: Problem, o, final, initial_state, docs):
 
 def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False,
                cu_seqlens=None, use_qk_l2norm=False, chunk_size=64, impl="auto",
-               kernel_config=None):
+               kernel_config=None, cp_axis=None):
   """DeltaNet: S <- S + k (beta (v - S^T k))^T, o = S^T (scale q).
 
   Args:
@@ -109,23 +119,29 @@ def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_st
       supports and what "auto" picks on each platform).
     kernel_config: a `deltajax.kernels.KernelConfig` for the Pallas kernels (default: chosen
       by the platform lowered for).
+    cp_axis: context parallelism: inside `jax.shard_map` with the time axis split over this
+      mesh axis, return this shard's part of the whole sequence's output (gradients those of
+      the whole sequence). initial_state applies to the first shard, the final state is
+      returned on every shard, cu_seqlens are the global boundaries (replicated).
+      deltajax.ops.context_parallel says how.
 
   Returns:
     o [B, T, HV, V] in q's dtype, and the final state [B or N, HV, K, V] float32 (or None).
 
   Raises:
-    ValueError: for a wrong rank, shape or dtype, bad cu_seqlens, scale, chunk_size, impl or
-      kernel_config, or an implementation that does not support the call.
+    ValueError: for a wrong rank, shape or dtype, bad cu_seqlens, scale, chunk_size, impl,
+      kernel_config or cp_axis (not a bound mesh axis), or an implementation that does not
+      support the call.
   """
   return _run(q, k, v, beta, None, gate=None, steps=False, scale=scale,
               initial_state=initial_state, output_final_state=output_final_state,
               cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size,
-              impl=impl, kernel_config=kernel_config)
+              impl=impl, kernel_config=kernel_config, cp_axis=cp_axis)
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
                      output_final_state=False, cu_seqlens=None, use_qk_l2norm=False,
-                     chunk_size=64, impl="auto", kernel_config=None):
+                     chunk_size=64, impl="auto", kernel_config=None, cp_axis=None):
   """Gated DeltaNet: S <- exp(g) S, then the delta step of `delta_rule`.
 
   g: [B, T, HV] natural-log decays (<= 0), one per value head and token. Everything else as
@@ -134,11 +150,12 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None,
   return _run(q, k, v, beta, g, gate="head", steps=False, scale=scale,
               initial_state=initial_state, output_final_state=output_final_state,
               cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size,
-              impl=impl, kernel_config=kernel_config)
+              impl=impl, kernel_config=kernel_config, cp_axis=cp_axis)
 
 
 def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-        cu_seqlens=None, use_qk_l2norm=False, chunk_size=64, impl="auto", kernel_config=None):
+        cu_seqlens=None, use_qk_l2norm=False, chunk_size=64, impl="auto", kernel_config=None,
+        cp_axis=None):
   """Kimi Delta Attention: S <- Diag(exp(g)) S, then the delta step of `delta_rule`.
 
   g: [B, T, HV, K] natural-log decays (<= 0), one per key channel; any value in (-inf, 0]
@@ -147,12 +164,12 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
   return _run(q, k, v, beta, g, gate="channel", steps=False, scale=scale,
               initial_state=initial_state, output_final_state=output_final_state,
               cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size,
-              impl=impl, kernel_config=kernel_config)
+              impl=impl, kernel_config=kernel_config, cp_axis=cp_axis)
 
 
 def delta_product(q, k, v, beta, g=None, *, scale=None, initial_state=None,
                   output_final_state=False, cu_seqlens=None, use_qk_l2norm=False,
-                  chunk_size=64, impl="auto", kernel_config=None):
+                  chunk_size=64, impl="auto", kernel_config=None, cp_axis=None):
   """Gated DeltaProduct: per token, optional S <- exp(g) S, then n delta steps; read out once.
 
   Args:
@@ -169,4 +186,4 @@ def delta_product(q, k, v, beta, g=None, *, scale=None, initial_state=None,
   return _run(q, k, v, beta, g, gate="head", steps=True, scale=scale,
               initial_state=initial_state, output_final_state=output_final_state,
               cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size,
-              impl=impl, kernel_config=kernel_config)
+              impl=impl, kernel_config=kernel_config, cp_axis=cp_axis)

@@ -58,12 +58,13 @@ def check_impl(impl: str) -> None:
     raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}.")
 
 
-def check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
+def check_cu_seqlens(cu_seqlens, B: int, T: int, time_shards: int = 1) -> int:
   """Returns the number of packed sequences N. Values are checked when concrete.
 
   [N + 1] packs N sequences in one stream (B must be 1); [B, S + 1] packs S per stream
   (N = B * S). Empty sequences (repeated boundaries) are allowed and pass their initial state
   through, so a fixed-size cu_seqlens can describe a varying number of documents under jit.
+  With time_shards > 1 (context parallelism) T is one shard's and the boundaries are global.
   """
   if isinstance(cu_seqlens, (list, tuple)):
     cu_seqlens = np.asarray(cu_seqlens)
@@ -84,8 +85,11 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
     for c in np.asarray(cu_seqlens).reshape(-1, shape[-1]):
       if c[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0; got {c[0]} (cu_seqlens={c.tolist()}).")
-      if c[-1] != T:
-        raise ValueError(f"cu_seqlens must end at T={T}; got {c[-1]} "
+      if c[-1] != T * time_shards:
+        whole = f"T={T}" if time_shards == 1 else (
+            f"the whole sequence's T={T * time_shards} ({time_shards} shards of {T} tokens "
+            f"over cp_axis)")
+        raise ValueError(f"cu_seqlens must end at {whole}; got {c[-1]} "
                          f"(cu_seqlens={c.tolist()}).")
       if np.any(np.diff(c) < 0):
         raise ValueError(f"cu_seqlens must be non-decreasing; got {c.tolist()}.")
@@ -101,11 +105,12 @@ def check_scale(scale) -> None:
 
 
 def check_inputs(q, k, v, beta, g, *, gate: str | None, n: int | None, initial_state,
-                 cu_seqlens, chunk_size, impl: str, scale=None) -> Dims:
+                 cu_seqlens, chunk_size, impl: str, scale=None, time_shards: int = 1) -> Dims:
   """Validates one call. `gate` is None, "head" ([B,T,HV]) or "channel" ([B,T,HV,K]).
 
   `n` is None for single-step ops; for delta_product k/v/beta carry an extra axis of size n
-  after T.
+  after T. time_shards: the shards of the time axis under context parallelism (T is one
+  shard's, cu_seqlens global).
   """
   check_impl(impl)
   check_chunk_size(chunk_size)
@@ -145,7 +150,7 @@ def check_inputs(q, k, v, beta, g, *, gate: str | None, n: int | None, initial_s
     _expect("g", g, (B, T, HV, K), "[B, T, HV, K]")
   N = B
   if cu_seqlens is not None:
-    N = check_cu_seqlens(cu_seqlens, B, T)
+    N = check_cu_seqlens(cu_seqlens, B, T, time_shards)
   if initial_state is not None:
     _check_float("initial_state", initial_state)
     _expect("initial_state", initial_state, (N, HV, K, V),

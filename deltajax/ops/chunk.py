@@ -126,7 +126,7 @@ def prepare(q, k, v, beta, g, segment, *, p: Problem, precision=None) -> Prepare
   Qg = q if G is None else q * jnp.exp(_readout(G, n, -2))
   Kd = k if rest is None else k * jnp.exp(rest)
   heads = W.shape[:-2]                                                  # [.., G]
-  D = jnp.ones(heads + (p.K,), W.dtype) if G is None else jnp.broadcast_to(
+  D = jnp.ones_like(W, shape=heads + (p.K,)) if G is None else jnp.broadcast_to(
       jnp.exp(G[..., -1, :]), heads + (p.K,))
   Qg, Kd, Attn = (jnp.broadcast_to(x, heads + x.shape[-2:]) for x in (Qg, Kd, Attn))
   if segment is not None:
@@ -162,7 +162,8 @@ def _state_pass(pm: Prepared, S_add, h0, start, seq, precision):
       S = S + S_extra
     return S, (S, v_new)
 
-  S0 = jnp.zeros(pm.W.shape[1:-2] + (pm.W.shape[-1], pm.U.shape[-1]), pm.W.dtype)
+  # zeros_like keeps U's varying mesh axes, so the scan also runs inside shard_map.
+  S0 = jnp.zeros_like(pm.U, shape=pm.W.shape[1:-2] + (pm.W.shape[-1], pm.U.shape[-1]))
   _, (S_out, v_new) = lax.scan(body, S0, (start, seq, pm.W, pm.U, pm.Kd, pm.D, S_add))
   return S_out, v_new
 

@@ -68,7 +68,8 @@ def recurrent(p: Problem, q, k, v, beta, g, h0, docs: Documents | None):
       finals = finals.at[x["doc"]].set(jnp.where(keep, S, finals[x["doc"]]))
     return (S, finals), o
 
-  S0 = h0 if docs is None else jnp.zeros((B, H, G, K, V), compute)
+  # zeros_like keeps h0's varying mesh axes, so the scan also runs inside shard_map.
+  S0 = h0 if docs is None else jnp.zeros_like(h0, shape=(B, H, G, K, V))
   (S, finals), o = lax.scan(step, (S0, finals), xs)
   o = jnp.moveaxis(o, 0, 1).reshape(B, T, p.HV, V).astype(p.dtype)
   if not p.output_final_state:

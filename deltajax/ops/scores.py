@@ -249,7 +249,7 @@ def _sub_block_scores(rows, b, g, *, diagonal_fits, precision=None):
   scores = (jnp.where(mask, jnp.moveaxis(x, 0, -3).reshape(*x.shape[1:-2], C, C), 0.0)
             for x in by_rows)
   bands = lax.cond(diagonal_fits,
-                   lambda *_: tuple(jnp.zeros(b.shape[:-1] + (C,), b.dtype) for _ in rows),
+                   lambda *_: tuple(jnp.zeros_like(b, shape=b.shape[:-1] + (C,)) for _ in rows),
                    functools.partial(_diagonal_block_scores, sub=sub), rows, b, g)
   return tuple(map(jnp.add, scores, bands))
 
