@@ -40,6 +40,9 @@ class Attention(nn.Module):
   """Multi-head causal softmax attention for hybrid stacks; `(y, new_cache) = attn(x, ...)`.
 
   window: attend to the last `window` tokens only (sliding window), None = full causal.
+  cp_axis: the mesh axis a sequence-sharded model splits time over. Attention needs the whole
+  sequence: outside shard_map XLA's partitioner gathers its keys and values across the
+  shards; inside a shard_map manual over cp_axis it would see one shard, and says so.
   out_init_scale: scales the output projection's init (models: 1 / sqrt(2 * num_layers)).
   """
   d_model: int
@@ -47,6 +50,7 @@ class Attention(nn.Module):
   head_dim: int | None = None
   window: int | None = None
   rope_theta: float = 10000.0
+  cp_axis: str | None = None
   out_init_scale: float = 1.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -75,6 +79,10 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array, *, segment_ids=None, cache=None):
     H, Dh = self._sizes()
     B, T, D = x.shape
+    if self.cp_axis in jax.sharding.get_abstract_mesh().manual_axes:
+      raise ValueError(f"Attention needs the whole sequence, but inside this shard_map the time "
+                       f"axis is split over cp_axis={self.cp_axis!r}: call the model outside "
+                       f"shard_map, under jax.set_mesh, where XLA gathers keys and values.")
     if segment_ids is not None and cache is not None:
       raise ValueError("segment_ids and cache cannot be combined.")
     x = x.astype(self.dtype)

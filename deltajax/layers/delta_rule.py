@@ -16,6 +16,10 @@ Three modes, one call `(y, new_cache) = mixer(x, segment_ids=None, cache=None)`:
   state is the op's initial state and the conv cache holds the last conv_size - 1 inputs, so
   feeding tokens one at a time reproduces the full forward. (Not combined with segment_ids.)
 
+Context parallelism: with `cp_axis` set the time axis is split over that mesh axis (the model
+runs under `jax.set_mesh`): the op and the ShortConvs run sequence-sharded
+(deltajax.ops.context_parallel), everything else is per token. Not with a cache.
+
 Sizes: H = num_heads query/key heads of K = head_dim (default d_model // num_heads);
 HV = num_v_heads (default H) value heads of V = head_dim * expand_v; n Householder steps.
 out_init_scale scales the output projection's init (models pass 1 / sqrt(2 * num_layers)).
@@ -31,6 +35,7 @@ from jax import lax
 
 from deltajax import ops
 from deltajax.kernels import KernelConfig
+from deltajax.ops import context_parallel
 from deltajax.layers import gates
 from deltajax.layers import segments
 from deltajax.layers.common import Dtype, dense, head_sizes, output_init, partitioned
@@ -63,6 +68,7 @@ class DeltaMixerBase(nn.Module):
   chunk_size: int = 64
   impl: str = "auto"
   kernel_config: KernelConfig | None = None
+  cp_axis: str | None = None
   out_init_scale: float = 1.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -118,10 +124,11 @@ class DeltaMixerBase(nn.Module):
                  use_bias=use_bias, **kw)
 
   def _op_kwargs(self, initial_state, cu_seqlens) -> dict:
-    # The final state is only read when decoding, which passes the cache's state in.
+    # The final state is only read when decoding, which passes the cache's state in (never
+    # with cp_axis).
     return dict(initial_state=initial_state, output_final_state=initial_state is not None,
                 cu_seqlens=cu_seqlens, use_qk_l2norm=True, chunk_size=self.chunk_size,
-                impl=self.impl, kernel_config=self.kernel_config)
+                impl=self.impl, kernel_config=self.kernel_config, cp_axis=self.cp_axis)
 
   @nn.compact
   def __call__(self, x: jax.Array, *, segment_ids=None, cache=None):
@@ -134,6 +141,9 @@ class DeltaMixerBase(nn.Module):
                        "training, the cache is for decoding one stream per row.")
     if segment_ids is not None:
       segments.check_segment_ids(segment_ids, B, T)
+    if self.cp_axis is not None and cache is not None:
+      raise ValueError("cp_axis and cache cannot be combined: decoding runs the whole "
+                       "sequence on every device (build the model with cp_axis=None).")
     x = x.astype(self.dtype)
 
     feats = self._features(d)
@@ -142,8 +152,8 @@ class DeltaMixerBase(nn.Module):
       h[name] = self._dense(f, ("embed", "heads"), f"{name}_proj")(x)
       if self.use_short_conv:
         h[name], conv_cache[name] = ShortConv(
-            f, self.conv_size, dtype=self.dtype, param_dtype=self.param_dtype,
-            name=f"{name}_conv")(h[name], segment_ids=segment_ids,
+            f, self.conv_size, cp_axis=self.cp_axis, dtype=self.dtype,
+            param_dtype=self.param_dtype, name=f"{name}_conv")(h[name], segment_ids=segment_ids,
                                  cache=None if cache is None else cache["conv"][name])
       else:
         h[name] = jax.nn.silu(h[name])
@@ -157,12 +167,14 @@ class DeltaMixerBase(nn.Module):
       beta = (2.0 * beta if self.allow_neg_eigval else beta).reshape(B, T, d.n, d.HV)
     g = self.gate(x, d)
 
-    if segment_ids is None:
-      state = None if cache is None else cache["state"]
-      o, final = self.recurrence(q, k, v, beta, g, initial_state=state, cu_seqlens=None)
-    else:
-      o, final = self.recurrence(q, k, v, beta, g, initial_state=None,
-                                 cu_seqlens=segments.cu_seqlens_rows(segment_ids))
+    state = None if cache is None else cache["state"]
+    cu = None if segment_ids is None else segments.cu_seqlens_rows(segment_ids)
+    if self.cp_axis is None:
+      o, final = self.recurrence(q, k, v, beta, g, initial_state=state, cu_seqlens=cu)
+    else:  # cu_seqlens: the whole sequence's boundaries, on every shard
+      o, final = context_parallel.shard_time(
+          lambda t, cu: self.recurrence(*t, initial_state=None, cu_seqlens=cu)[0],
+          self.cp_axis, (q, k, v, beta, g), cu, True), None
 
     if self.use_output_gate:
       gate = self.output_gate(x, d).reshape(B, T, d.HV, d.V)
@@ -273,6 +285,9 @@ class LinearAttention(DeltaMixerBase):
 
   def dims(self) -> MixerDims:
     d = super().dims()
+    if self.cp_axis is not None:
+      raise ValueError(f"LinearAttention does not support cp_axis (got {self.cp_axis!r}): its "
+                       f"recurrence runs on the whole sequence; use a delta-rule mixer.")
     if d.HV != d.H:
       raise ValueError(f"LinearAttention needs num_v_heads == num_heads; got "
                        f"num_v_heads={self.num_v_heads}, num_heads={self.num_heads}.")

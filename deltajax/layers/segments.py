@@ -35,15 +35,6 @@ def positions(segment_ids: jax.Array) -> jax.Array:
   return t - first
 
 
-def same_segment_shifted(segment_ids: jax.Array, shift: int) -> jax.Array:
-  """[B, T] bool: token t - shift exists and belongs to the same document as token t."""
-  if shift == 0:
-    return jnp.ones(segment_ids.shape, bool)
-  prev = jnp.pad(segment_ids, ((0, 0), (shift, 0)), constant_values=-1)[:, :-shift]
-  # The pad value -1 never equals a real id, but ids could be negative: compare positions too.
-  return (prev == segment_ids) & (positions(segment_ids) >= shift)
-
-
 def num_documents(segment_ids: jax.Array) -> jax.Array:
   """[B] int32: documents (padding runs included) in each row."""
   return jnp.sum(starts(segment_ids), axis=1, dtype=jnp.int32)

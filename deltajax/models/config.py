@@ -38,6 +38,11 @@ class LMConfig:
   (deltajax.ops, deltajax.kernels.KernelConfig).
   remat: recompute each block's activations in the backward pass (jax.checkpoint) to save
   memory.
+  cp_axis: context parallelism: the mesh axis the time axis is split over (the model runs
+  under `jax.set_mesh`). The delta-rule mixers and their short convolutions run
+  sequence-sharded; attention layers run on the sharded sequence through XLA's partitioner
+  (which gathers their keys and values); "linear_attn" layers cannot. Training only: no
+  decoding with a cache.
   """
   vocab_size: int
   d_model: int
@@ -68,6 +73,7 @@ class LMConfig:
   kernel_config: KernelConfig = KernelConfig()
   embed_init_std: float = 0.02
   remat: bool = False
+  cp_axis: str | None = None
 
   def __post_init__(self):
     if self.pattern is not None and not isinstance(self.pattern, tuple):
@@ -88,6 +94,9 @@ class LMConfig:
     if "linear_attn" in self.layer_mixers and self.num_v_heads not in (None, self.num_heads):
       raise ValueError(f"num_v_heads={self.num_v_heads} must equal num_heads for "
                        f"'linear_attn' layers.")
+    if self.cp_axis is not None and "linear_attn" in self.layer_mixers:
+      raise ValueError(f"cp_axis={self.cp_axis!r} cannot be combined with 'linear_attn' layers "
+                       f"(they run on the whole sequence); use a delta-rule mixer.")
     if "attn" in self.layer_mixers and (self.head_dim or self.d_model // self.num_heads) % 2:
       raise ValueError("head_dim must be even for 'attn' layers (RoPE).")
     if self.conv_size < 1:
