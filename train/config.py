@@ -112,9 +112,12 @@ class RunConfig:
   eval_batches: int = 4
   """Held-out batches per eval length."""
   mesh_data: int = -1
-  """Data-parallel mesh axis; -1 = all devices left. mesh_data x mesh_fsdp = devices."""
+  """Data-parallel mesh axis; -1 = all devices left. mesh_data x mesh_fsdp x mesh_seq =
+  devices."""
   mesh_fsdp: int = 1
   """Parameter-sharding (FSDP) mesh axis; -1 = all devices left."""
+  mesh_seq: int = 1
+  """Sequence (context-parallel) mesh axis: each sequence split over this many devices."""
   stop_at: int = 0
   """Stop after this step without a final checkpoint, as if killed (demos of resume); 0 = never."""
   workdir: str = ""
@@ -136,6 +139,8 @@ class RunConfig:
     for name in ("mesh_data", "mesh_fsdp"):
       if getattr(self, name) == 0 or getattr(self, name) < -1:
         raise ValueError(f"run.{name}: got {getattr(self, name)}, need >= 1 or -1 (all)")
+    if self.mesh_seq < 1:
+      raise ValueError(f"run.mesh_seq: got {self.mesh_seq}, need >= 1")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -154,16 +154,33 @@ class Steps:
   eval_step: Callable
 
 
+def _under_mesh(fn: Callable, mesh) -> Callable:
+  """fn traced with `mesh` as the abstract mesh, which a sequence-sharded model's mixers read
+  (deltajax.ops.context_parallel.shard_time)."""
+  @functools.wraps(fn)
+  def wrapped(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return wrapped
+
+
 def build_steps(model_config, optim, total_steps: int, seq_len: int, mesh) -> Steps:
-  """Model, optimiser, sharded state layout and the jitted init / train / eval steps."""
+  """Model, optimiser, sharded state layout and the jitted init / train / eval steps.
+
+  On a mesh whose "seq" axis is larger than 1 the model runs with cp_axis="seq" (the time axis
+  of every batch split over it); its parameters are the same as without.
+  """
+  if shard_lib.seq_shards(mesh) > 1:
+    model_config = dataclasses.replace(model_config, cp_axis=shard_lib.SEQ_AXIS)
   model = make_model(model_config)
+  init_model = make_model(dataclasses.replace(model_config, cp_axis=None))
   tx = make_optimizer(optim, total_steps)
   dummy = jnp.zeros((1, seq_len), jnp.int32)
 
   def init_boxed(rng):
     # Parameters carry logical axis names (nn.Partitioned); the optimiser moments built from
     # them carry the same names, so both are sharded alike.
-    params = model.init(rng, dummy)["params"]
+    params = init_model.init(rng, dummy)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
@@ -174,9 +191,10 @@ def build_steps(model_config, optim, total_steps: int, seq_len: int, mesh) -> St
       model=model, tx=tx, state_sharding=state_sh,
       abstract_state=ckpt_lib.abstract_like(abstract, state_sh),
       init=jax.jit(lambda r: nn.unbox(init_boxed(r)), out_shardings=state_sh),
-      train_step=jax.jit(make_train_step(model, tx), in_shardings=(state_sh, micro_sh),
-                         out_shardings=(state_sh, None), donate_argnums=0),
-      eval_step=jax.jit(make_eval_step(model),
+      train_step=jax.jit(_under_mesh(make_train_step(model, tx), mesh),
+                         in_shardings=(state_sh, micro_sh), out_shardings=(state_sh, None),
+                         donate_argnums=0),
+      eval_step=jax.jit(_under_mesh(make_eval_step(model), mesh),
                         in_shardings=(state_sh.params, shard_lib.batch_sharding(mesh))))
 
 
@@ -194,12 +212,18 @@ class Trainer:
     if config.model.vocab_size < self.source.vocab_size:
       raise ValueError(f"model.vocab_size: got {config.model.vocab_size}, need >= "
                        f"{self.source.vocab_size} for data.task={config.data.task!r}")
-    self.mesh = mesh or shard_lib.make_mesh(config.run.mesh_data, config.run.mesh_fsdp)
-    n_dev = self.mesh.size
+    self.mesh = mesh or shard_lib.make_mesh(config.run.mesh_data, config.run.mesh_fsdp,
+                                            seq=config.run.mesh_seq)
+    n_dev = shard_lib.row_shards(self.mesh)
     b, accum = config.data.batch_size, config.optim.grad_accum_steps
     if b % accum or (b // accum) % n_dev:
       raise ValueError(f"data.batch_size: got {b}, need a multiple of optim.grad_accum_steps "
-                       f"({accum}) x devices ({n_dev})")
+                       f"({accum}) x data-parallel devices ({n_dev})")
+    seq = shard_lib.seq_shards(self.mesh)
+    for name, length in [("data.seq_len", config.data.seq_len),
+                         *(("data.eval_seq_lens", n) for n in config.data.eval_lengths)]:
+      if length % seq:
+        raise ValueError(f"{name}: got {length}, need a multiple of run.mesh_seq ({seq})")
     key = (config.model, config.optim, config.run.steps, config.data.seq_len, self.mesh)
     try:
       steps = _cached_steps(*key)
@@ -211,7 +235,8 @@ class Trainer:
     self.train_step, self.eval_step, self._init = steps.train_step, steps.eval_step, steps.init
     self.micro_sharding = shard_lib.batch_sharding(self.mesh, micro=True)
     self.eval_sharding = shard_lib.batch_sharding(self.mesh)
-    self._shard = (jax.process_index(), jax.process_count())
+    # The rows this process reads: its own, or its group's when "seq" spans processes.
+    self._shard = shard_lib.process_rows(self.eval_sharding)
     # This process's rows of every training batch, by random access (grain MapDataset).
     self.train_batches = self.source.batches("train", config.data.seq_len, b, *self._shard)
 

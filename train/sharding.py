@@ -1,9 +1,11 @@
-"""Device mesh and shardings: data parallel over ("data", "fsdp"), parameters sharded (FSDP).
+"""Device mesh and shardings: data parallel over ("data", "fsdp"), parameters sharded (FSDP),
+the sequence split over "seq" (context parallelism, deltajax.ops.context_parallel).
 
 Parameters annotated with logical axis names (`nn.with_logical_partitioning`) are placed by
 LOGICAL_RULES through `nn.logical_to_mesh_sharding`. Unannotated arrays (all optimiser state
 and any plain parameters) get the FSDP default: the largest axis divisible by the fsdp size is
-split over "fsdp", small arrays are replicated. The batch axis is split over both axes.
+split over "fsdp", small arrays are replicated. The batch axis is split over both axes, the
+time axis over "seq" (size 1 unless run.mesh_seq > 1; the model then gets cp_axis="seq").
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "seq")
 BATCH_AXES = ("data", "fsdp")
+SEQ_AXIS = "seq"
 # Logical parameter axes -> mesh axes.
 LOGICAL_RULES = (("batch", BATCH_AXES), ("embed", "fsdp"), ("vocab", None), ("heads", None),
                  ("mlp", None), ("kv", None), ("conv", None))
@@ -36,20 +39,25 @@ def maybe_initialize_distributed() -> bool:
   return bool(multi)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
-  """A ("data", "fsdp") mesh over `devices` (default all); -1 takes the remaining devices."""
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None, seq: int = 1) -> Mesh:
+  """A ("data", "fsdp", "seq") mesh over `devices` (default all); -1 takes the remaining
+  devices (data or fsdp). "seq" is the innermost axis, so a sequence's shards are neighbours
+  (one process's devices when seq divides them; otherwise processes share rows, see
+  process_rows)."""
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   if data == -1 and fsdp == -1:
     raise ValueError("run.mesh_data and run.mesh_fsdp: at most one may be -1")
+  if seq < 1 or n % seq:
+    raise ValueError(f"run.mesh_seq: got {seq}, need a divisor of the {n} devices")
   if data == -1:
-    data = n // fsdp
+    data = n // (fsdp * seq)
   if fsdp == -1:
-    fsdp = n // data
-  if data * fsdp != n or data < 1 or fsdp < 1:
-    raise ValueError(f"run.mesh_data x run.mesh_fsdp: got {data} x {fsdp}, need a product "
-                     f"equal to the {n} devices")
-  return Mesh(np.array(devices).reshape(data, fsdp), MESH_AXES)
+    fsdp = n // (data * seq)
+  if data * fsdp * seq != n or data < 1 or fsdp < 1:
+    raise ValueError(f"run.mesh_data x run.mesh_fsdp x run.mesh_seq: got {data} x {fsdp} x "
+                     f"{seq}, need a product equal to the {n} devices")
+  return Mesh(np.array(devices).reshape(data, fsdp, seq), MESH_AXES)
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
@@ -95,18 +103,57 @@ def state_shardings(abstract_state: Any, mesh: Mesh, logical_specs: Any = None) 
 
 
 def batch_sharding(mesh: Mesh, micro: bool = False) -> NamedSharding:
-  """Rows split over every device; time unsplit. micro: arrays are [micro-batches, rows, T]
-  (gradient accumulation) and the micro-batch axis is not split."""
-  return NamedSharding(mesh, P(None, BATCH_AXES) if micro else P(BATCH_AXES))
+  """Rows split over ("data", "fsdp"), time over "seq". micro: arrays are [micro-batches,
+  rows, T] (gradient accumulation) and the micro-batch axis is not split."""
+  return NamedSharding(mesh, P(None, BATCH_AXES, SEQ_AXIS) if micro
+                       else P(BATCH_AXES, SEQ_AXIS))
+
+
+def seq_shards(mesh: Mesh) -> int:
+  """How many shards the time axis is split into (1 on a mesh without "seq")."""
+  return dict(mesh.shape).get(SEQ_AXIS, 1)
+
+
+def row_shards(mesh: Mesh) -> int:
+  """How many shards the rows of a batch are split into."""
+  return int(np.prod([dict(mesh.shape).get(a, 1) for a in BATCH_AXES], dtype=np.int64))
+
+
+def _process_block(sharding: NamedSharding, shape: tuple[int, ...],
+                   axis: int) -> tuple[int, int]:
+  """[start, stop) along `axis` of what this process's devices hold of an array of `shape`."""
+  spans = [(s[axis].start or 0, shape[axis] if s[axis].stop is None else s[axis].stop)
+           for s in sharding.addressable_devices_indices_map(shape).values()]
+  return min(a for a, _ in spans), max(b for _, b in spans)
+
+
+def process_rows(sharding: NamedSharding, ndim: int = 2, rows_axis: int = 0) -> tuple[int, int]:
+  """(this process's row group, the number of row groups) for arrays placed by `sharding`.
+
+  Processes whose devices hold the same rows (the sequence split over "seq" across processes)
+  form one group and read the same rows; otherwise each process is its own group, and this is
+  (process_index, process_count) on a data-major mesh.
+  """
+  spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+  axes = lambda a: () if a is None else (a,) if isinstance(a, str) else tuple(a)
+  shape = tuple(int(np.prod([sharding.mesh.shape[a] for a in axes(x)], dtype=np.int64))
+                for x in spec)  # one element per shard
+  lo, hi = _process_block(sharding, shape, rows_axis)
+  return lo // (hi - lo), shape[rows_axis] // (hi - lo)
 
 
 def put_batch(local: dict[str, np.ndarray], sharding: NamedSharding,
               rows_axis: int = 0) -> dict[str, jax.Array]:
   """This process's rows of a batch -> global arrays, sharded. Each process passes only what
-  it read (its shard, see data.Source.batches); axis `rows_axis` is process_count times
-  longer globally."""
+  it read (its group's rows, see process_rows and data.Source.batches), all of the time axis
+  (after the rows); it keeps the part of time its devices hold."""
   def put(v):
+    groups = process_rows(sharding, v.ndim, rows_axis)[1]
     shape = list(v.shape)
-    shape[rows_axis] *= jax.process_count()
-    return jax.make_array_from_process_local_data(sharding, v, tuple(shape))
+    shape[rows_axis] *= groups
+    shape = tuple(shape)
+    if v.ndim > rows_axis + 1:
+      lo, hi = _process_block(sharding, shape, rows_axis + 1)
+      v = v[(slice(None),) * (rows_axis + 1) + (slice(lo, hi),)]
+    return jax.make_array_from_process_local_data(sharding, v, shape)
   return {k: put(v) for k, v in local.items()}
