@@ -186,3 +186,15 @@ def test_the_sequence_mesh_axis_says_what_it_needs():
     sharding.make_mesh(1, 1, jax.devices()[:1], seq=2)
   mesh = sharding.make_mesh(-1, 1, jax.devices()[:1], seq=1)
   assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "seq": 1}
+
+
+def test_the_benchmark_counts_collective_bytes_from_hlo():
+  from deltajax.bench_cp import collective_bytes  # pylint: disable=g-import-not-at-top
+  hlo = """
+  %cp = f32[1,4,128,128]{3,2,1,0} collective-permute(f32[1,4,128,128]{3,2,1,0} %x), channel_id=1
+  %cps = (f32[2,8]{1,0}, f32[2,8]{1,0}) collective-permute-start(f32[2,8]{1,0} %y)
+  %cpd = f32[2,8]{1,0} collective-permute-done((f32[2,8]{1,0}, f32[2,8]{1,0}) %cps)
+  %ar = bf16[16]{0} all-reduce(bf16[16]{0} %z), to_apply=%sum
+  """
+  assert collective_bytes(hlo) == {"collective-permute": 4 * 4 * 128 * 128 + 4 * 16,
+                                   "all-reduce": 32}
