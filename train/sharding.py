@@ -105,8 +105,8 @@ def state_shardings(abstract_state: Any, mesh: Mesh, logical_specs: Any = None) 
 def batch_sharding(mesh: Mesh, micro: bool = False) -> NamedSharding:
   """Rows split over ("data", "fsdp"), time over "seq". micro: arrays are [micro-batches,
   rows, T] (gradient accumulation) and the micro-batch axis is not split."""
-  return NamedSharding(mesh, P(None, BATCH_AXES, SEQ_AXIS) if micro
-                       else P(BATCH_AXES, SEQ_AXIS))
+  seq = SEQ_AXIS if SEQ_AXIS in mesh.axis_names else None  # a ("data", "fsdp") mesh too
+  return NamedSharding(mesh, P(None, BATCH_AXES, seq) if micro else P(BATCH_AXES, seq))
 
 
 def seq_shards(mesh: Mesh) -> int:
