@@ -28,7 +28,11 @@ def load_g(g):
 def l2norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   """x / sqrt(sum(x^2) + eps) over the last axis, in float32 (or float64 for float64 x)."""
   x = as_float32(x)
-  return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+  # The factor without a trailing axis of size 1: with keepdims, XLA:CPU reshaped the forward's
+  # copy but not the one the backward recomputes under jax.vjp (whose derivative also reads it),
+  # so the two stopped being common subexpressions and everything downstream of the norm (the
+  # whole chunk preparation) was computed twice.
+  return x * lax.rsqrt(jnp.sum(x * x, axis=-1) + eps)[..., None]
 
 
 def load_k(p: Problem, k: jax.Array) -> jax.Array:

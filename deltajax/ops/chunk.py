@@ -99,7 +99,11 @@ def prepare(q, k, v, beta, g, segment, *, p: Problem, precision=None) -> Prepare
   gc = None if gs is None else (gs[..., None] if p.gate == "head" else gs)   # [.., C, 1|K]
   same = None if segment is None else segment[..., :, None] == segment[..., None, :]
 
-  if p.gate == "channel":  # the scores decay per value head: no q/k product to share
+  # With gates the scores decay per value head: no q/k product to share. (An [H, 1] product
+  # times a [H, G] decay is not cheaper: XLA writes the product out, broadcasts it into the
+  # multiply and sums its cotangent over G, where per-head scores fuse the decay into the
+  # matmul; compiled for TPU that was +17% bytes for gated_delta_rule.)
+  if p.gate is not None:
     q, k = (jnp.broadcast_to(x, x.shape[:-3] + (p.G,) + x.shape[-2:]) for x in (q, k))
   if n == 1:
     KK, Attn = gated_scores((k, q), k, gs, diagonal=True, precision=precision)
@@ -139,16 +143,10 @@ def prepare(q, k, v, beta, g, segment, *, p: Problem, precision=None) -> Prepare
   return Prepared(Qg=Qg, Kd=Kd, W=W, U=U, D=D, Attn=Attn)
 
 
-def _entering(S_out, h0, start, seq):
-  """The state entering every chunk: the sequence's initial state (zeros without one) where
-  the chunk starts a sequence, else the state the previous chunk left."""
-  prev = jnp.concatenate([jnp.zeros_like(S_out[:1]), S_out[:-1]], axis=0)
-  first = jnp.zeros_like(prev) if h0 is None else as_float32(h0)[seq]
-  return jnp.where(start[:, :, None, None, None, None], first, prev)
-
-
 def _state_pass(pm: Prepared, S_add, h0, start, seq, precision):
-  """The sequential pass: the state after every chunk, S_out [nc, B, H, G, K, V], and V_new."""
+  """The sequential pass: the state entering every chunk, S_in [nc, B, H, G, K, V] (what the
+  outputs and the backward read: stacking it, not the state leaving, needs no shifted copy),
+  the state leaving the last chunk [B, H, G, K, V], and V_new."""
   mm = functools.partial(jnp.einsum, precision=precision)
   h0 = as_float32(h0)
 
@@ -157,24 +155,25 @@ def _state_pass(pm: Prepared, S_add, h0, start, seq, precision):
     entry = jnp.zeros_like(S) if h0 is None else h0[sq]
     S = jnp.where(st[:, None, None, None, None], entry, S)
     v_new = U - mm("...ck,...kv->...cv", W, S)
-    S = D[..., None] * S + mm("...ck,...cv->...kv", Kd, v_new)
+    S_next = D[..., None] * S + mm("...ck,...cv->...kv", Kd, v_new)
     if S_extra is not None:
-      S = S + S_extra
-    return S, (S, v_new)
+      S_next = S_next + S_extra
+    return S_next, (S, v_new)
 
   # zeros_like keeps U's varying mesh axes, so the scan also runs inside shard_map.
   S0 = jnp.zeros_like(pm.U, shape=pm.W.shape[1:-2] + (pm.W.shape[-1], pm.U.shape[-1]))
-  _, (S_out, v_new) = lax.scan(body, S0, (start, seq, pm.W, pm.U, pm.Kd, pm.D, S_add))
-  return S_out, v_new
+  S_last, (S_in, v_new) = lax.scan(body, S0, (start, seq, pm.W, pm.U, pm.Kd, pm.D, S_add))
+  return S_in, S_last, v_new
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def chunk_core(p: Problem, precision, q, k, v, beta, g, h0, segment, S_add, start, seq):
-  """O [nc, B, H, G, Ct, V], S_out [nc, B, H, G, K, V] and V_new [nc, B, H, G, C, V].
+  """O [nc, B, H, G, Ct, V], S_in [nc, B, H, G, K, V] (the state entering each chunk), the
+  state leaving the last chunk [B, H, G, K, V] and V_new [nc, B, H, G, C, V].
 
   Inputs chunk-major in their own dtypes: q [nc, B, H, 1, Ct, K], k [nc, B, H, 1, C, K],
   v [nc, B, H, G, C, V], beta [.., C], g None / [nc, B, H, G, Ct(, K)]; h0 None or
-  [N, H, G, K, V]; segment None or [nc, B, 1, 1, C] int32; S_add None or like S_out (added to
+  [N, H, G, K, V]; segment None or [nc, B, 1, 1, C] int32; S_add None or like S_in (added to
   the state leaving each chunk); start, seq [nc, B] (the chunk starts a sequence; which).
   """
   return _chunk_fwd(p, precision, q, k, v, beta, g, h0, segment, S_add, start, seq)[0]
@@ -183,40 +182,41 @@ def chunk_core(p: Problem, precision, q, k, v, beta, g, h0, segment, S_add, star
 def _chunk_fwd(p, precision, q, k, v, beta, g, h0, segment, S_add, start, seq):
   mm = functools.partial(jnp.einsum, precision=precision)
   pm = prepare(q, k, v, beta, g, segment, p=p, precision=precision)
-  S_out, v_new = _state_pass(pm, S_add, h0, start, seq, precision)
-  S_in = _entering(S_out, h0, start, seq)
+  S_in, S_last, v_new = _state_pass(pm, S_add, h0, start, seq, precision)
   o = mm("...ck,...kv->...cv", pm.Qg, S_in) + mm("...ij,...jv->...iv", pm.Attn, v_new)
-  return (o, S_out, v_new), (q, k, v, beta, g, h0, segment, S_add, start, seq, S_out, v_new)
+  return (o, S_in, S_last, v_new), (q, k, v, beta, g, h0, segment, S_add, start, seq, S_in,
+                                    v_new)
 
 
 def _chunk_bwd(p, precision, res, cts):
   """Back through the output and the state pass by hand (their products written once each),
   then `jax.vjp` of the preparation, recomputed."""
-  q, k, v, beta, g, h0, segment, S_add, start, seq, S_out, v_new = res
-  do, dS_out, dv_new_out = cts
+  q, k, v, beta, g, h0, segment, S_add, start, seq, S_in, v_new = res
+  do, dS_in_out, dS_last, dv_new_out = cts
   mm = functools.partial(jnp.einsum, precision=precision)
   pm, prepare_vjp = jax.vjp(
       lambda q, k, v, beta, g: prepare(q, k, v, beta, g, segment, p=p, precision=precision),
       q, k, v, beta, g)
-  S_in = _entering(S_out, h0, start, seq)
   # Through o = Qg S_in + Attn V_new, with V_new = U - W S_in: the parts that need no state
   # cotangent, so the reverse pass below stays two products per chunk.
   dv_direct = mm("...ji,...jv->...iv", pm.Attn, do) + dv_new_out
-  dS_direct = mm("...ck,...cv->...kv", pm.Qg, do) - mm("...ck,...cv->...kv", pm.W, dv_direct)
+  dS_direct = (mm("...ck,...cv->...kv", pm.Qg, do) - mm("...ck,...cv->...kv", pm.W, dv_direct)
+               + dS_in_out)
 
   # Reverse pass. dS_next is the cotangent of the state entering chunk c + 1; at each chunk
-  # dSo is that of the state leaving it, through S_out = D S_in + Kd^T V_new (+ S_add).
-  next_start = jnp.concatenate([start[1:], jnp.ones_like(start[:1])], axis=0)
+  # dSo is that of the state leaving it, through S_out = D S_in + Kd^T V_new (+ S_add); the last
+  # chunk's is that of the final state, the initial carry.
+  next_start = jnp.concatenate([start[1:], jnp.zeros_like(start[:1])], axis=0)
 
   def body(dS_next, x):
-    W, Kd, D, dS_direct_c, dS_out_c, nxt = x
-    dSo = dS_out_c + jnp.where(nxt[:, None, None, None, None], 0.0, dS_next)
+    W, Kd, D, dS_direct_c, nxt = x
+    dSo = jnp.where(nxt[:, None, None, None, None], 0.0, dS_next)
     kd_dso = mm("...ck,...kv->...cv", Kd, dSo)                          # dV_new from S_out
     dS_in = dS_direct_c + D[..., None] * dSo - mm("...ck,...cv->...kv", W, kd_dso)
     return dS_in, (dSo, dS_in, kd_dso)
 
-  xs = (pm.W, pm.Kd, pm.D, dS_direct, dS_out, next_start)
-  _, (dSo, dS_in, kd_dso) = lax.scan(body, jnp.zeros_like(S_out[0]), xs, reverse=True)
+  xs = (pm.W, pm.Kd, pm.D, dS_direct, next_start)
+  _, (dSo, dS_in, kd_dso) = lax.scan(body, dS_last, xs, reverse=True)
 
   dv_new = dv_direct + kd_dso
   dp = Prepared(
@@ -271,8 +271,8 @@ def chunk(p: Problem, q, k, v, beta, g, h0, docs: Documents | None, precision=No
     if S_add is not None:
       S_add = heads(jnp.moveaxis(S_add, 1, 0))                                # [nc,B,H,G,K,V]
 
-  o, S_out, v_new = chunk_core(p, precision, qc, kc, vc, bc, gc, h0c, segment, S_add,
-                               start, seq)
+  o, S_in, S_last, v_new = chunk_core(p, precision, qc, kc, vc, bc, gc, h0c, segment, S_add,
+                                      start, seq)
   o = jnp.moveaxis(o, 4, 2).reshape(nc, B, Ct, p.HV, p.V)
   o = jnp.moveaxis(o, 0, 1).reshape(B, nc * Ct, p.HV, p.V)[:, :T]
   if o_add is not None:
@@ -281,8 +281,8 @@ def chunk(p: Problem, q, k, v, beta, g, h0, docs: Documents | None, precision=No
   if not p.output_final_state:
     return o, None
   if docs is None:
-    return o, S_out[-1].reshape(B, p.HV, p.K, p.V)
+    return o, S_last.reshape(B, p.HV, p.K, p.V)
   flat = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, nc, p.HV, *x.shape[-2:])
-  S_in = flat(_entering(S_out, h0c, start, seq))                             # [B,nc,HV,K,V]
+  S_in = flat(S_in)                                                         # [B,nc,HV,K,V]
   v_steps = jnp.moveaxis(jnp.moveaxis(v_new, 0, 1).reshape(B, nc, p.HV, C, p.V), 3, 2)
   return o, packing.document_finals(p, k, g, h0, docs, S_in, v_steps)
