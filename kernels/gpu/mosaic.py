@@ -194,6 +194,14 @@ class Chip:
     """A tiled SMEM tile as float32 registers (WGMMA layout)."""
     return ref[...].astype(F32)
 
+  def load_pieces(self, op: "Operand") -> jax.Array:
+    """The float32 value an operand's pieces sum to (its own layout, not transposed)."""
+    total = None
+    for i in range(op.parts):
+      x = op.ref[i].astype(F32)
+      total = x if total is None else total + x
+    return total
+
   def store(self, x, ref) -> None:
     """float32 registers into a tiled SMEM tile of the tile's dtype."""
     ref[...] = x.astype(ref.dtype)

@@ -115,3 +115,26 @@ def state_reverse(spec: Spec, Qg, W, Kd, D, dO, dV_direct, dfinal, dh=None):
   dso = jnp.moveaxis(dso, 0, 2)
   dv = jnp.moveaxis(dv, 0, 2).reshape(spec.B, spec.HV, spec.T, spec.V)
   return dso, dv, dh0
+
+
+def output(spec: Spec, q, k, G, masks, h, V_new, dtype=jnp.float64):
+  """o [B, T, HV, V] from the states entering each chunk and V_new (unsplit)."""
+  qc = load_qk(spec, q, dtype, spec.scale)
+  kc = load_qk(spec, k, dtype)
+  decay, eG, _, first, _, _ = gates(spec, G, masks, dtype)
+  attn = _scores(qc, kc, decay, strict=False)
+  vn = _chunks(V_new.astype(dtype), spec, 2)
+  o = (qc * eG * first) @ h.astype(dtype) + attn @ vn               # [B, HV, nc, C, V]
+  return jnp.moveaxis(o.reshape(spec.B, spec.HV, spec.T, spec.V), 1, 2)
+
+
+def output_backward(spec: Spec, q, k, G, masks, dO, dtype=jnp.float64):
+  """(dV_direct = Attn^T dO [B, HV, T, V], Qg [B, HV, T, K]) unsplit."""
+  qc = load_qk(spec, q, dtype, spec.scale)
+  kc = load_qk(spec, k, dtype)
+  decay, eG, _, first, _, _ = gates(spec, G, masks, dtype)
+  attn = _scores(qc, kc, decay, strict=False)
+  do = _chunks(jnp.moveaxis(dO.astype(dtype), 2, 1), spec, 2)
+  dvd = jnp.swapaxes(attn, -1, -2) @ do
+  flat = lambda x: x.reshape(spec.B, spec.HV, spec.T, x.shape[-1])
+  return flat(dvd), flat(qc * eG * first)

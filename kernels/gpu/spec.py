@@ -15,17 +15,24 @@ Array layouts in HBM (what the kernels read and write):
             state leaving it
   D         [B, HV, nc, K]   float32: the decay of the state across each chunk (0 where the
             state is replaced inside the chunk or at the next chunk's start)
-  W, Kd     [B, HV, P, T, K] bf16 pieces;  U, V_new [B, HV, T, V] (state dtype)
-  h         [B, HV, nc, K, V] (state dtype): the state entering each chunk
-  h0        [B, HV, K, V]    float32: the state entering chunk 0 of each stream
+  h0, final [B, HV, K, V]    float32: the state entering chunk 0 / leaving the last chunk
   S_add     [B, HV, nc, K, V] float32: added to the state leaving each chunk (documents)
   o         [B, T, HV, V]    q's dtype
+Every intermediate that a later kernel multiplies with is stored as P bf16 pieces (x = sum of
+the pieces; P = 1 for 16-bit inputs, so then it is just bf16), which the next kernel copies
+straight into its wgmma operand tiles:
+  W, Kd, Qg [B, HV, P, T, K];  U, V_new, dV_direct, dV_new [B, HV, P, T, V]
+  h, dSo    [B, HV, nc, P, K, V]: the state entering each chunk, the cotangent of the state
+            leaving it
+The kernels see these flattened to [B * HV * P, T, .] and [B * HV * nc * P, K, V]: a TMA copy
+takes at most 5 strided dimensions once the SMEM tiling has split the last two.
 """
 from __future__ import annotations
 
 import dataclasses
 
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 CHUNK = 64
 
@@ -58,13 +65,23 @@ class Spec:
     return self.T // self.C
 
   @property
-  def state_dtype(self):
-    """Stored intermediates (U, V_new, h): bf16 for 16-bit inputs, float32 for float32."""
-    return jnp.float32 if self.parts > 1 else jnp.bfloat16
-
-  @property
   def in_dtype(self):
     return jnp.dtype(self.dtype)
+
+  def pieces(self, b, h):
+    """The P rows of (stream b, value head h) in a flattened [B * HV * P, T, .] array."""
+    return pl.ds((b * self.HV + h) * self.parts, self.parts)
+
+  def state_pieces(self, b, h, c):
+    """The P rows of (stream b, value head h, chunk c) in a [B * HV * nc * P, K, V] array."""
+    return pl.ds(((b * self.HV + h) * self.nc + c) * self.parts, self.parts)
+
+  def step_shape(self, n: int) -> tuple[int, ...]:
+    return (self.B * self.HV * self.parts, self.T, n)
+
+  @property
+  def state_shape(self) -> tuple[int, ...]:
+    return (self.B * self.HV * self.nc * self.parts, self.K, self.V)
 
   @property
   def vblocks(self) -> int:

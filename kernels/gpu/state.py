@@ -46,6 +46,9 @@ def run_chunks(nc: int, ins, bars, body, carry, *, reverse: bool, slots: int):
     issue(0, 0)
 
   def step(i, carry):
+    # The previous chunk's copies out may still read SMEM that this chunk (and the copies in)
+    # are about to overwrite.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     if slots == 2:
       slot = lax.rem(i, 2)
 
@@ -96,22 +99,25 @@ def store_state(S, dst, chip):
   mg.scoped(body, buf=mg.tile(S.shape))
 
 
+def _pieces(x):
+  """[..., P, N, M] -> [prod(...) * P, N, M] (see spec.py)."""
+  return x.reshape((-1,) + x.shape[-2:])
+
+
 def forward_cost(spec: Spec) -> pl.CostEstimate:
   P, C, K, V = spec.parts, spec.C, spec.K, spec.V
   prod = P * (P + 1) // 2
   chunks = spec.B * spec.HV * spec.nc
-  sd = jnp.dtype(spec.state_dtype).itemsize
-  reads = chunks * spec.vblocks * (2 * P * 2 * C * K + 4 * K) + chunks * C * V * sd
-  writes = chunks * (K * V * sd + C * V * sd)
+  reads = chunks * spec.vblocks * (2 * P * 2 * C * K + 4 * K) + chunks * P * 2 * C * V
+  writes = chunks * P * 2 * (K * V + C * V)
   return pl.CostEstimate(flops=int(chunks * 2 * 2 * C * K * V * prod), transcendentals=0,
                          bytes_accessed=int(reads + writes + 2 * spec.B * spec.HV * K * V * 4))
 
 
 def _forward_specs(spec: Spec, with_add: bool) -> tuple[dict, tuple]:
-  P, C, K, Vb, sd = spec.parts, spec.C, spec.K, spec.block_v, spec.state_dtype
-  specs = dict(w=mg.operand(P, C, K), kd=mg.operand(P, C, K), u=mg.tile((C, Vb), sd),
-               d=mg.vector(K), s_op=mg.operand(P, K, Vb), vn_op=mg.operand(P, C, Vb),
-               h_out=mg.tile((K, Vb), sd), vn_out=mg.tile((C, Vb), sd))
+  P, C, K, Vb = spec.parts, spec.C, spec.K, spec.block_v
+  specs = dict(w=mg.operand(P, C, K), kd=mg.operand(P, C, K), u=mg.operand(P, C, Vb),
+               d=mg.vector(K), s_op=mg.operand(P, K, Vb), vn_op=mg.operand(P, C, Vb))
   slotted = ("w", "kd", "u", "d")
   if with_add:
     specs["add"] = mg.tile((K, Vb))
@@ -131,23 +137,21 @@ def _forward_kernel(spec: Spec, interpret: bool, with_add: bool, slots: int, w_r
   S0 = load_state(h0_ref, lambda r: r.at[b, h, :, cols], chip)
 
   def loop(**s):
-    ins = [(lambda c: w_ref.at[b, h, :, rows(c)], s["w"]),
-           (lambda c: kd_ref.at[b, h, :, rows(c)], s["kd"]),
-           (lambda c: u_ref.at[b, h, rows(c), cols], s["u"]),
+    ins = [(lambda c: w_ref.at[spec.pieces(b, h), rows(c)], s["w"]),
+           (lambda c: kd_ref.at[spec.pieces(b, h), rows(c)], s["kd"]),
+           (lambda c: u_ref.at[spec.pieces(b, h), rows(c), cols], s["u"]),
            (lambda c: d_ref.at[b, h, c], s["d"])]
     if with_add:
-      ins.append((lambda c: add_ref.at[b, h, c, :, cols], s["add"]))
+      ins.append((lambda c: add_ref.at[(b * spec.HV + h) * spec.nc + c, :, cols], s["add"]))
 
     def chunk(c, slot, S):
       w, kd, u, d, *add = slot
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)    # last chunk's copies out are done
-      chip.store(S, s["h_out"])
-      V_new = chip.load(u) - chip.mm(mg.Operand(w), chip.put(S, s["s_op"]))
-      chip.store(V_new, s["vn_out"])
-      mg.copy_out([(s["h_out"], h_ref.at[b, h, c, :, cols]),
-                   (s["vn_out"], vn_ref.at[b, h, rows(c), cols])])
-      S = chip.to_rows(chip.rows(d), S.shape) * S + chip.mm(mg.Operand(kd).T,
-                                                            chip.put(V_new, s["vn_op"]))
+      s_op = chip.put(S, s["s_op"])                       # also h_c, copied out from here
+      V_new = chip.load_pieces(mg.Operand(u)) - chip.mm(mg.Operand(w), s_op)
+      vn_op = chip.put(V_new, s["vn_op"])
+      mg.copy_out([(s["s_op"], h_ref.at[spec.state_pieces(b, h, c), :, cols]),
+                   (s["vn_op"], vn_ref.at[spec.pieces(b, h), rows(c), cols])])
+      S = chip.to_rows(chip.rows(d), S.shape) * S + chip.mm(mg.Operand(kd).T, vn_op)
       if add:
         S = S + chip.load(add[0])
       return S
@@ -163,40 +167,48 @@ def _forward_kernel(spec: Spec, interpret: bool, with_add: bool, slots: int, w_r
 
 
 def forward(spec: Spec, W, U, Kd, D, h0, S_add, *, interpret: bool):
-  """(h [B, HV, nc, K, V] state dtype, V_new [B, HV, T, V] state dtype, final [B, HV, K, V]
-  float32): the state pass. S_add None or [B, HV, nc, K, V] float32."""
+  """The state pass: (h [B, HV, nc, P, K, V] pieces, V_new [B, HV, P, T, V] pieces,
+  final [B, HV, K, V] float32). S_add None or [B, HV, nc, K, V] float32."""
   slots = choose_slots(*_forward_specs(spec, S_add is not None))
   assert slots, "checked by kernels.gpu.check_supported"
-  B, HV, nc, T, K, V, sd = spec.B, spec.HV, spec.nc, spec.T, spec.K, spec.V, spec.state_dtype
-  out_type = (jax.ShapeDtypeStruct((B, HV, nc, K, V), sd),
-              jax.ShapeDtypeStruct((B, HV, T, V), sd),
+  B, HV, nc, P, T, K, V = spec.B, spec.HV, spec.nc, spec.parts, spec.T, spec.K, spec.V
+  out_type = (jax.ShapeDtypeStruct(spec.state_shape, mg.BF16),
+              jax.ShapeDtypeStruct(spec.step_shape(V), mg.BF16),
               jax.ShapeDtypeStruct((B, HV, K, V), jnp.float32))
   call = mg.kernel(functools.partial(_forward_kernel, spec, interpret, S_add is not None, slots),
                    out_type=out_type, scratch={}, grid=(spec.vblocks, HV, B),
                    grid_names=("vblock", "head", "stream"), interpret=interpret,
                    name="deltajax_state_forward", cost=forward_cost(spec))
-  extra = () if S_add is None else (S_add,)
-  return call(W, U, Kd, D, h0, *extra)
+  extra = () if S_add is None else (_pieces(S_add),)
+  h, V_new, final = call(_pieces(W), _pieces(U), _pieces(Kd), D, h0, *extra)
+  return h.reshape(B, HV, nc, P, K, V), V_new.reshape(B, HV, P, T, V), final
 
 
 def reverse_cost(spec: Spec) -> pl.CostEstimate:
   P, C, K, V = spec.parts, spec.C, spec.K, spec.V
   prod = P * (P + 1) // 2
   chunks = spec.B * spec.HV * spec.nc
-  sd = jnp.dtype(spec.state_dtype).itemsize
-  reads = chunks * spec.vblocks * (3 * P * 2 * C * K + 4 * K) + chunks * C * V * (2 + 4)
-  writes = chunks * (K * V * sd + C * V * sd)
+  reads = (chunks * spec.vblocks * (3 * P * 2 * C * K + 4 * K)
+           + chunks * C * V * (spec.in_dtype.itemsize + 2 * P))
+  writes = chunks * P * 2 * (K * V + C * V)
   return pl.CostEstimate(flops=int(chunks * 3 * 2 * C * K * V * prod), transcendentals=0,
                          bytes_accessed=int(reads + writes + 2 * spec.B * spec.HV * K * V * 4))
 
 
+def _direct_do(spec: Spec, dtype) -> bool:
+  """dO is its own (single) bf16 piece: copied straight into the operand tile."""
+  return spec.parts == 1 and jnp.dtype(dtype) == jnp.dtype(mg.BF16)
+
+
 def _reverse_specs(spec: Spec, dO_dtype, with_dh: bool) -> tuple[dict, tuple]:
-  P, C, K, Vb, sd = spec.parts, spec.C, spec.K, spec.block_v, spec.state_dtype
+  P, C, K, Vb = spec.parts, spec.C, spec.K, spec.block_v
   specs = dict(qg=mg.operand(P, C, K), w=mg.operand(P, C, K), kd=mg.operand(P, C, K),
-               d=mg.vector(K), do=mg.tile((C, Vb), dO_dtype), dvd=mg.tile((C, Vb), sd),
-               ds_op=mg.operand(P, K, Vb), do_op=mg.operand(P, C, Vb),
-               dv_op=mg.operand(P, C, Vb), dso_out=mg.tile((K, Vb), sd),
-               dvn_out=mg.tile((C, Vb), sd))
+               d=mg.vector(K), dvd=mg.operand(P, C, Vb), ds_op=mg.operand(P, K, Vb),
+               dv_op=mg.operand(P, C, Vb))
+  if _direct_do(spec, dO_dtype):
+    specs["do"] = mg.operand(1, C, Vb)
+  else:
+    specs.update(do=mg.tile((C, Vb), dO_dtype), do_op=mg.operand(P, C, Vb))
   slotted = ("qg", "w", "kd", "d", "do", "dvd")
   if with_dh:
     specs["dh"] = mg.tile((K, Vb))
@@ -213,29 +225,31 @@ def _reverse_kernel(spec: Spec, interpret: bool, with_dh: bool, slots: int, qg_r
   j, h, b = lax.axis_index("vblock"), lax.axis_index("head"), lax.axis_index("stream")
   cols = pl.ds(j * Vb, Vb)
   rows = lambda c: pl.ds(c * C, C)
+  direct = _direct_do(spec, do_ref.dtype)
   dS0 = load_state(dfinal_ref, lambda r: r.at[b, h, :, cols], chip)
 
   def loop(**s):
-    ins = [(lambda c: qg_ref.at[b, h, :, rows(c)], s["qg"]),
-           (lambda c: w_ref.at[b, h, :, rows(c)], s["w"]),
-           (lambda c: kd_ref.at[b, h, :, rows(c)], s["kd"]),
+    do_view = ((lambda c: do_ref.at[pl.ds(b, 1), rows(c), h, cols]) if direct
+               else (lambda c: do_ref.at[b, rows(c), h, cols]))
+    ins = [(lambda c: qg_ref.at[spec.pieces(b, h), rows(c)], s["qg"]),
+           (lambda c: w_ref.at[spec.pieces(b, h), rows(c)], s["w"]),
+           (lambda c: kd_ref.at[spec.pieces(b, h), rows(c)], s["kd"]),
            (lambda c: d_ref.at[b, h, c], s["d"]),
-           (lambda c: do_ref.at[b, rows(c), h, cols], s["do"]),
-           (lambda c: dvd_ref.at[b, h, rows(c), cols], s["dvd"])]
+           (do_view, s["do"]),
+           (lambda c: dvd_ref.at[spec.pieces(b, h), rows(c), cols], s["dvd"])]
     if with_dh:
-      ins.append((lambda c: dh_ref.at[b, h, c, :, cols], s["dh"]))
+      ins.append((lambda c: dh_ref.at[(b * spec.HV + h) * spec.nc + c, :, cols], s["dh"]))
 
     def chunk(c, slot, dS):
       qg, w, kd, d, do, dvd, *dh = slot
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      chip.store(dS, s["dso_out"])
-      dV = chip.load(dvd) + chip.mm(mg.Operand(kd), chip.put(dS, s["ds_op"]))
-      chip.store(dV, s["dvn_out"])
-      mg.copy_out([(s["dso_out"], dso_ref.at[b, h, c, :, cols]),
-                   (s["dvn_out"], dvn_ref.at[b, h, rows(c), cols])])
+      ds_op = chip.put(dS, s["ds_op"])                   # also dSo_c, copied out from here
+      dV = chip.load_pieces(mg.Operand(dvd)) + chip.mm(mg.Operand(kd), ds_op)
+      dv_op = chip.put(dV, s["dv_op"])
+      mg.copy_out([(s["ds_op"], dso_ref.at[spec.state_pieces(b, h, c), :, cols]),
+                   (s["dv_op"], dvn_ref.at[spec.pieces(b, h), rows(c), cols])])
+      do_op = mg.Operand(do) if direct else chip.put(chip.load(do), s["do_op"])
       dS = (chip.to_rows(chip.rows(d), dS.shape) * dS
-            + chip.mm(mg.Operand(qg).T, chip.put(chip.load(do), s["do_op"]))
-            - chip.mm(mg.Operand(w).T, chip.put(dV, s["dv_op"])))
+            + chip.mm(mg.Operand(qg).T, do_op) - chip.mm(mg.Operand(w).T, dv_op))
       if dh:
         dS = dS + chip.load(dh[0])
       return dS
@@ -251,23 +265,25 @@ def _reverse_kernel(spec: Spec, interpret: bool, with_dh: bool, slots: int, qg_r
 
 
 def reverse(spec: Spec, Qg, W, Kd, D, dO, dV_direct, dfinal, dh, *, interpret: bool):
-  """(dSo [B, HV, nc, K, V] state dtype: the cotangent of the state leaving each chunk,
-  dV_new [B, HV, T, V] state dtype, dh0 [B, HV, K, V] float32).
+  """The reverse pass: (dSo [B, HV, nc, P, K, V] pieces: the cotangent of the state leaving
+  each chunk, dV_new [B, HV, P, T, V] pieces, dh0 [B, HV, K, V] float32).
 
   Qg, W, Kd: [B, HV, P, T, K] pieces; D [B, HV, nc, K]; dO [B, T, HV, V] (o's dtype);
-  dV_direct [B, HV, T, V] state dtype (Attn^T dO plus any outside cotangent of V_new);
+  dV_direct [B, HV, P, T, V] pieces (Attn^T dO plus any outside cotangent of V_new);
   dfinal [B, HV, K, V] float32; dh None or [B, HV, nc, K, V] float32 (outside cotangents of
   the states entering the chunks).
   """
   slots = choose_slots(*_reverse_specs(spec, dO.dtype, dh is not None))
   assert slots, "checked by kernels.gpu.check_supported"
-  B, HV, nc, T, K, V, sd = spec.B, spec.HV, spec.nc, spec.T, spec.K, spec.V, spec.state_dtype
-  out_type = (jax.ShapeDtypeStruct((B, HV, nc, K, V), sd),
-              jax.ShapeDtypeStruct((B, HV, T, V), sd),
+  B, HV, nc, P, T, K, V = spec.B, spec.HV, spec.nc, spec.parts, spec.T, spec.K, spec.V
+  out_type = (jax.ShapeDtypeStruct(spec.state_shape, mg.BF16),
+              jax.ShapeDtypeStruct(spec.step_shape(V), mg.BF16),
               jax.ShapeDtypeStruct((B, HV, K, V), jnp.float32))
   call = mg.kernel(functools.partial(_reverse_kernel, spec, interpret, dh is not None, slots),
                    out_type=out_type, scratch={}, grid=(spec.vblocks, HV, B),
                    grid_names=("vblock", "head", "stream"), interpret=interpret,
                    name="deltajax_state_reverse", cost=reverse_cost(spec))
-  extra = () if dh is None else (dh,)
-  return call(Qg, W, Kd, D, dO, dV_direct, dfinal, *extra)
+  extra = () if dh is None else (_pieces(dh),)
+  dso, dV, dh0 = call(_pieces(Qg), _pieces(W), _pieces(Kd), D, dO, _pieces(dV_direct), dfinal,
+                      *extra)
+  return dso.reshape(B, HV, nc, P, K, V), dV.reshape(B, HV, P, T, V), dh0
