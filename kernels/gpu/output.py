@@ -125,37 +125,133 @@ def forward(spec: Spec, q, k, gates, masks, h, V_new, *, interpret: bool):
 def _backward_kernel(spec: Spec, interpret: bool, q_ref, k_ref, *refs, **s):
   chip = mg.Chip(interpret)
   ns = io.side_count(spec)
-  side, (do_ref, dvd_ref, qg_ref) = refs[:ns], refs[ns:]
+  side = refs[:ns]
+  do_ref, h_ref, vn_ref, dvd_ref, qg_ref, dq_ref, dk_ref, *dg_ref = refs[ns:]
+  dg_ref = dg_ref[0] if dg_ref else None
   C, K, P = spec.C, spec.K, spec.parts
   c, h, b = lax.axis_index("chunk"), lax.axis_index("head"), lax.axis_index("stream")
   t0 = c * C
+  rows = pl.ds(t0, C)
   attn, qg = _attention(spec, chip, q_ref, k_ref, s, b, h, t0, side)
   a_op = chip.put(attn, s["a_op"])
-  chip.put(qg, s["q_op"])
-  mg.copy_out([(s["q_op"], qg_ref.at[spec.pieces(b, h), pl.ds(t0, C)])])
 
-  def block(j, do_in, do_op, out, bar):
-    cols = pl.ds(j * VB, VB)
-    mg.copy_in([(do_ref.at[b, pl.ds(t0, C), h, cols], do_in)], bar)
-    mg.wait(bar)
-    chip.put(chip.mm(a_op.T, chip.put(chip.load(do_in), do_op)), out)
-    mg.copy_out([(out, dvd_ref.at[spec.pieces(b, h), pl.ds(t0, C), cols])])
+  def qg_out(qg_op):
+    chip.put(qg, qg_op)
+    mg.copy_out([(qg_op, qg_ref.at[spec.pieces(b, h), rows])])
     mg.finish_copies_out()
 
+  mg.scoped(qg_out, qg_op=mg.operand(P, C, K))
+
+  # dV_direct = Attn^T dO per V block; dQg = dO h^T and dAttn = dO V_new^T summed over them.
+  def block(j, carry, do_in, do_op, h_op, vn_op, out, bar):
+    dqg, dattn = carry
+    cols = pl.ds(j * VB, VB)
+    mg.copy_in([(do_ref.at[b, rows, h, cols], do_in),
+                (h_ref.at[spec.state_pieces(b, h, c), :, cols], h_op),
+                (vn_ref.at[spec.pieces(b, h), rows, cols], vn_op)], bar)
+    mg.wait(bar)
+    do_op = chip.put(chip.load(do_in), do_op)
+    chip.put(chip.mm(a_op.T, do_op), out)
+    mg.copy_out([(out, dvd_ref.at[spec.pieces(b, h), rows, cols])])
+    dqg = dqg + chip.mm(do_op, mg.Operand(h_op).T)
+    dattn = dattn + chip.mm(do_op, mg.Operand(vn_op).T)
+    mg.finish_copies_out()
+    return dqg, dattn
+
+  carry = (chip.zeros((C, K)), chip.zeros((C, C)))
   for j in range(spec.V // VB):
-    mg.scoped(functools.partial(block, j), do_in=mg.tile((C, VB), spec.in_dtype),
-              do_op=mg.operand(P, C, VB), out=mg.operand(P, C, VB), bar=mg.barriers(1)[0])
+    carry = mg.scoped(functools.partial(block, j, carry), do_in=mg.tile((C, VB), spec.in_dtype),
+                      do_op=mg.operand(P, C, VB), h_op=mg.operand(P, K, VB),
+                      vn_op=mg.operand(P, C, VB), out=mg.operand(P, C, VB),
+                      bar=mg.barriers(3)[0])
+  dqg, dattn = carry
+
+  # Through Qg = q exp(G) first and Attn = scores(q, k):
+  #   dq = dQg exp(G) first + apply(dAttn, k),  dk = apply_t(dAttn, q),
+  #   dG = q . dq - k . dk (over K per head gate, per channel otherwise).
+  def grads(ga=None, gb=None, gm=None):
+    scratch = (mg.Operand(ga) if ga is not None else None,
+               mg.Operand(gb) if gb is not None else None, mg.Operand(gm))
+    cg = io.chunk_gates(spec, chip, s, scratch)
+    q_op, k_op = mg.Operand(s["q_op"]), mg.Operand(s["k_op"])
+    q, k = chip.load_pieces(q_op), chip.load_pieces(k_op)
+    dattn_m = jnp.where(cg.pairs(True), dattn, 0.0)
+    first = io.row_mask(chip, s, "first", (C, K))
+    dq = io.mul(dqg, io.decay_rows(spec, chip, cg, (C, K)), first) + cg.apply(dattn_m, k, k_op)
+    dk = cg.apply_t(dattn_m, q, q_op)
+    return dq, dk, q * dq - k * dk
+
+  if spec.gate == "channel":   # apply uses only the b buffer, apply_t only the a buffer
+    dq, dk, dg = mg.scoped(lambda ga, gm: grads(ga, ga, gm), ga=mg.operand(P, C, K),
+                           gm=mg.operand(P, C, C))
+  else:
+    dq, dk, dg = mg.scoped(grads, gm=mg.operand(P, C, C))
+  _store_rows(spec, chip, s, dq, dq_ref.at[b, rows, h])
+  _store_rows(spec, chip, s, dk, dk_ref.at[b, rows, h])
+  _store_gate_grad(spec, chip, s, dg, dg_ref, b, h, rows)
 
 
-def backward(spec: Spec, q, k, gates, masks, dO, *, interpret: bool):
-  """(dV_direct = Attn^T dO [B, HV, P, T, V] pieces, Qg [B, HV, P, T, K] pieces)."""
+def _store_rows(spec: Spec, chip: mg.Chip, s, x, dst):
+  """x [C, K] float32 to GMEM through a scope of SMEM."""
+  def body(buf):
+    chip.store(x, buf)
+    mg.copy_out([(buf, dst)])
+    mg.finish_copies_out()
+  mg.scoped(body, buf=mg.tile(x.shape))
+
+
+def _store_gate_grad(spec: Spec, chip: mg.Chip, s, x, dg_ref, b, h, rows):
+  """The gradient of G from x [C, K] (per channel as is, per head summed over K)."""
+  if spec.gate == "channel":
+    _store_rows(spec, chip, s, x, dg_ref.at[b, rows, h])
+  elif spec.gate == "head":
+    def body(buf):
+      buf[...] = jnp.sum(x, axis=1)
+      mg.copy_out([(buf, dg_ref.at[b, h, rows])])
+      mg.finish_copies_out()
+    mg.scoped(body, buf=mg.vector(spec.C))
+
+
+def gate_grad_type(spec: Spec):
+  if spec.gate == "channel":
+    return jax.ShapeDtypeStruct((spec.B, spec.T, spec.HV, spec.K), jnp.float32)
+  return jax.ShapeDtypeStruct((spec.B, spec.HV, spec.T), jnp.float32)
+
+
+def backward_cost(spec: Spec) -> pl.CostEstimate:
+  C, K, V, P = spec.C, spec.K, spec.V, spec.parts
+  prod = P * (P + 1) // 2
+  n_scores = len(levels(C)) + 1 if spec.gate == "channel" else 1
+  chunks = spec.B * spec.HV * spec.nc
+  inb = spec.in_dtype.itemsize
+  g_bytes = {None: 0, "head": 4, "channel": 4 * K * 1.25}[spec.gate]
+  flops = 2 * chunks * prod * (n_scores * C * C * K * 3 + C * C * V * 2 + C * K * V)
+  bytes_ = (spec.B * spec.T * spec.HV * (2 * K * inb + g_bytes * 2 + V * (inb + 4 * P) + 2 * K * 4
+                                         + 2 * P * K)
+            + chunks * K * V * 2 * P)
+  return pl.CostEstimate(flops=int(flops), transcendentals=int(chunks * C * (C + K) * n_scores * 3),
+                         bytes_accessed=int(bytes_))
+
+
+def backward(spec: Spec, q, k, gates, masks, dO, h, V_new, *, interpret: bool):
+  """The outputs' backward, before the reverse pass.
+
+  Returns (dV_direct = Attn^T dO [B, HV, P, T, V] pieces, Qg [B, HV, P, T, K] pieces,
+  dq [B, T, HV, K] and dk [B, T, HV, K] float32: the gradients through Qg and Attn of the
+  scaled (normalised) q and of the (normalised) k, dG: theirs of G, [B, HV, T] or
+  [B, T, HV, K] float32, None without gates).
+  """
   B, HV, T, K, V, P = spec.B, spec.HV, spec.T, spec.K, spec.V, spec.parts
+  rows_f32 = jax.ShapeDtypeStruct((B, T, HV, K), jnp.float32)
   out_type = (jax.ShapeDtypeStruct(spec.step_shape(V), mg.BF16),
-              jax.ShapeDtypeStruct(spec.step_shape(K), mg.BF16))
-  base = forward_cost(spec)
+              jax.ShapeDtypeStruct(spec.step_shape(K), mg.BF16),
+              rows_f32, rows_f32) + ((gate_grad_type(spec),) if spec.gate else ())
+  scratch = _side_specs(spec)
   call = mg.kernel(functools.partial(_backward_kernel, spec, interpret), out_type=out_type,
-                   scratch=_side_specs(spec), grid=(spec.nc, HV, B),
+                   scratch=scratch, grid=(spec.nc, HV, B),
                    grid_names=("chunk", "head", "stream"), interpret=interpret,
-                   name="deltajax_output_backward", cost=base)
-  dvd, qg = call(q, k, *gates, *masks, dO)
-  return dvd.reshape(B, HV, P, T, V), qg.reshape(B, HV, P, T, K)
+                   name="deltajax_output_backward", cost=backward_cost(spec))
+  dvd, qg, dq, dk, *dg = call(q, k, *gates, *masks, dO, h.reshape(spec.state_shape),
+                             V_new.reshape(spec.step_shape(V)))
+  return (dvd.reshape(B, HV, P, T, V), qg.reshape(B, HV, P, T, K), dq, dk,
+          dg[0] if dg else None)

@@ -128,13 +128,33 @@ def output(spec: Spec, q, k, G, masks, h, V_new, dtype=jnp.float64):
   return jnp.moveaxis(o.reshape(spec.B, spec.HV, spec.T, spec.V), 1, 2)
 
 
-def output_backward(spec: Spec, q, k, G, masks, dO, dtype=jnp.float64):
-  """(dV_direct = Attn^T dO [B, HV, T, V], Qg [B, HV, T, K]) unsplit."""
-  qc = load_qk(spec, q, dtype, spec.scale)
-  kc = load_qk(spec, k, dtype)
-  decay, eG, _, first, _, _ = gates(spec, G, masks, dtype)
+def output_core(spec: Spec, qs, k, G, masks, h, V_new):
+  """o [B, T, HV, V] from loaded q (normalised, scaled) and k, both [B, T, HV, K]; G as the
+  kernels take it; h [B, HV, nc, K, V]; V_new [B, HV, T, V]."""
+  heads = lambda x: _chunks(jnp.moveaxis(x, 2, 1), spec, 2)
+  qc, kc = heads(qs), heads(k)
+  decay, eG, _, first, _, _ = gates(spec, G, masks, qs.dtype)
   attn = _scores(qc, kc, decay, strict=False)
-  do = _chunks(jnp.moveaxis(dO.astype(dtype), 2, 1), spec, 2)
-  dvd = jnp.swapaxes(attn, -1, -2) @ do
-  flat = lambda x: x.reshape(spec.B, spec.HV, spec.T, x.shape[-1])
-  return flat(dvd), flat(qc * eG * first)
+  o = (qc * eG * first) @ h + attn @ _chunks(V_new, spec, 2)
+  return jnp.moveaxis(o.reshape(spec.B, spec.HV, spec.T, spec.V), 1, 2)
+
+
+def loaded_qk(spec: Spec, q, k, dtype=jnp.float64):
+  """q (normalised if asked, scaled) and k (normalised if asked) as [B, T, HV, K]."""
+  flat = lambda x: jnp.moveaxis(x.reshape(spec.B, spec.HV, spec.T, spec.K), 1, 2)
+  return flat(load_qk(spec, q, dtype, spec.scale)), flat(load_qk(spec, k, dtype))
+
+
+def output_backward(spec: Spec, q, k, G, masks, dO, h, V_new, dtype=jnp.float64):
+  """The vjp of `output_core` with h fixed: (dV_direct [B, HV, T, V], Qg [B, HV, T, K],
+  dq, dk [B, T, HV, K] (of the loaded q and k), dG like G or None)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  qs, kn = loaded_qk(spec, q, k, dtype)
+  G = None if G is None else G.astype(dtype)
+  f = lambda qs, kn, G, V_new: output_core(spec, qs, kn, G, masks, h.astype(dtype), V_new)
+  _, vjp = jax.vjp(f, qs, kn, G, V_new.astype(dtype))
+  dq, dk, dG, dvd = vjp(dO.astype(dtype))
+  qc = _chunks(jnp.moveaxis(qs, 2, 1), spec, 2)
+  _, eG, _, first, _, _ = gates(spec, G, masks, dtype)
+  qg = (qc * eG * first).reshape(spec.B, spec.HV, spec.T, spec.K)
+  return dvd, qg, dq, dk, dG
