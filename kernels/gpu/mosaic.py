@@ -174,6 +174,10 @@ class Chip:
   def zeros(self, shape) -> jax.Array:
     return self._layout(jnp.zeros(shape, F32), plgpu.Layout.WGMMA)
 
+  def zeros_rows(self, n: int) -> jax.Array:
+    """A zero vector [n] that runs along rows (like a row sum of a WGMMA value)."""
+    return self._layout(jnp.zeros((n,), F32), plgpu.Layout.WGMMA.reduce(1))
+
   def to_rows(self, x, shape) -> jax.Array:
     """[M] along rows -> [M, N]."""
     return lax.broadcast_in_dim(x, shape, (0,))

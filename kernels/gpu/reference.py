@@ -63,9 +63,10 @@ def _scores(a, b, decay, strict: bool):
   return s
 
 
-def prepare(spec: Spec, k, v, beta, G, masks, dtype=jnp.float64):
-  """W, U, Kd as [B, HV, T, K], [B, HV, T, V], [B, HV, T, K] (unsplit)."""
-  kc = load_qk(spec, k, dtype)
+def prepare_core(spec: Spec, kn, v, beta, G, masks):
+  """W, U, Kd [B, HV, T, K | V] from the loaded k [B, T, HV, K] (normalised if asked)."""
+  dtype = kn.dtype
+  kc = _chunks(jnp.moveaxis(kn, 2, 1), spec, 2)
   vc = _chunks(jnp.moveaxis(v.astype(dtype), 2, 1), spec, 2)
   bc = _chunks(beta.astype(dtype), spec, 2)[..., None]                # [B, HV, nc, C, 1]
   decay, eG, to_end, first, last, _ = gates(spec, G, masks, dtype)
@@ -76,6 +77,32 @@ def prepare(spec: Spec, k, v, beta, G, masks, dtype=jnp.float64):
   Kd = kc * to_end * last
   flat = lambda x: x.reshape(spec.B, spec.HV, spec.T, x.shape[-1])
   return flat(W), flat(U), flat(Kd)
+
+
+def prepare(spec: Spec, k, v, beta, G, masks, dtype=jnp.float64):
+  """W, U, Kd as [B, HV, T, K], [B, HV, T, V], [B, HV, T, K] (unsplit)."""
+  _, kn = loaded_qk(spec, k, k, dtype)
+  return prepare_core(spec, kn, v, beta, None if G is None else G.astype(dtype), masks)
+
+
+def prepare_backward(spec: Spec, k, v, beta, G, masks, dV_new, h, V_new, dSo,
+                     dtype=jnp.float64):
+  """The vjp of `prepare_core` and D's share, given the state pass's cotangents:
+  (dk [B, T, HV, K] of the loaded k, dv, dbeta, dD [B, HV, nc, K], dG or None)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  _, kn = loaded_qk(spec, k, k, dtype)
+  G = None if G is None else G.astype(dtype)
+  ch = lambda x: _chunks(x.astype(dtype), spec, 2)
+  dvn, vn = ch(dV_new), ch(V_new)
+  h, dSo = h.astype(dtype), dSo.astype(dtype)
+  T_ = lambda x: jnp.swapaxes(x, -1, -2)
+  flat = lambda x: x.reshape(spec.B, spec.HV, spec.T, x.shape[-1])
+  dW, dU, dKd = flat(-dvn @ T_(h)), flat(dvn), flat(vn @ T_(dSo))
+  _, vjp = jax.vjp(lambda kn, v, beta, G: prepare_core(spec, kn, v, beta, G, masks),
+                   kn, v.astype(dtype), beta.astype(dtype), G)
+  dk, dv, dbeta, dG = vjp((dW, dU, dKd))
+  dD = jnp.sum(dSo * h, axis=-1)
+  return dk, dv, dbeta, dD, dG
 
 
 def state_forward(spec: Spec, W, U, Kd, D, h0, S_add=None):
