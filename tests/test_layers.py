@@ -89,9 +89,7 @@ _SEG = np.array([[1] * 9 + [2] * 11 + [0] * 4, [3] * 5 + [3 + 1] * 16 + [0] * 3]
 @pytest.mark.parametrize("name", list(MIXERS))
 def test_packed_equals_separate_and_padding_is_inert(name):
   T = _SEG.shape[1]
-  # max_segments = T compiles only the exact path (no lax.cond: half the compile time); the
-  # bounded fast path is the same code with a shorter cu_seqlens (test_max_segments_...).
-  m = MIXERS[name]() if name.startswith("attn") else MIXERS[name](max_segments=T)
+  m = MIXERS[name]()
   params = _init(m, T)
   x = _x(T, seed=2)
   apply = jax.jit(lambda p, x, s: m.apply(p, x, segment_ids=s)[0])
@@ -111,25 +109,10 @@ def test_packed_equals_separate_and_padding_is_inert(name):
   np.testing.assert_array_equal(np.asarray(packed2)[_SEG != 0], np.asarray(packed)[_SEG != 0])
 
 
-def test_max_segments_only_tunes_speed():
-  """A bound that fits (3) runs the fast path, one that does not (2) falls back to the exact
-  path, and both equal the unbounded result (max_segments = T)."""
-  T = _SEG.shape[1]
-  make = MIXERS["gated_deltanet_gva"]
-  params = _init(make(), T)
-  x = _x(T, seed=2)
-  seg = jnp.asarray(_SEG)
-  run = lambda S: jax.jit(lambda p, x, s: make(max_segments=S).apply(
-      p, x, segment_ids=s)[0])(params, x, seg)
-  ref = run(T)
-  assert_close(run(3), ref, 1e-5, "max_segments=3")
-  assert_close(run(2), ref, 1e-5, "max_segments=2 (fallback)")
-
-
 def test_cu_seqlens_rows_and_positions():
   seg = jnp.asarray([[1, 1, 2, 2, 2, 0], [5, 5, 5, 5, 5, 5]], jnp.int32)
-  np.testing.assert_array_equal(segments.cu_seqlens_rows(seg, 4),
-                                [[0, 2, 5, 6, 6], [0, 6, 6, 6, 6]])
+  np.testing.assert_array_equal(segments.cu_seqlens_rows(seg),
+                                [[0, 2, 5, 6, 6, 6, 6], [0, 6, 6, 6, 6, 6, 6]])
   np.testing.assert_array_equal(segments.positions(seg), [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]])
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from deltajax.core import flops as flops_lib
 from deltajax.train import checkpoint as ckpt_lib
 from deltajax.train import metrics as metrics_lib
 from deltajax.train import sharding as shard_lib
@@ -273,7 +274,7 @@ def train_and_evaluate(config: Config, workdir: str, *, mesh=None, quiet: bool =
   metrics_lib.truncate_jsonl(jsonl, start)
   writer = metrics_lib.Writer(workdir, run.steps, run.tensorboard, quiet)
 
-  peak = metrics_lib.peak_flops(jax.devices()[0])
+  peak = flops_lib.peak_flops(jax.devices()[0])
   flops_tok = _tokens_flops(config) if peak else None
   tokens_per_step = config.data.batch_size * config.data.seq_len
   schedule = learning_rate(config.optim, run.steps)

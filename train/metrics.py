@@ -14,23 +14,6 @@ from typing import Any
 
 import jax
 
-# Peak dense bfloat16 FLOP/s per chip by device kind (vendor figures), for MFU.
-PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12, "TPU7x": 2307e12,
-    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
-    "NVIDIA B200": 2250e12,
-}
-
-
-def peak_flops(device) -> float | None:
-  """Peak FLOP/s of one accelerator, or None (CPU, or a kind not in the table)."""
-  if device.platform == "cpu":
-    return None
-  kind = device.device_kind
-  matches = [k for k in PEAK_FLOPS if kind.startswith(k)]
-  return PEAK_FLOPS[max(matches, key=len)] if matches else None
-
 
 def truncate_jsonl(path: str, max_step: int) -> None:
   """Drops records after `max_step` (a resumed run rewrites them)."""

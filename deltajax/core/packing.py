@@ -31,11 +31,12 @@ from deltajax.core.problem import Problem
 _HI = lax.Precision.HIGHEST
 
 
-def _window(p: Problem, docs: Documents, begin):
-  """Token indices [N, Ct] from each document's `begin` [N], and its chunk."""
+def _window(p: Problem, begin):
+  """The Ct token positions [N, Ct] from each document's `begin` [N] (they may run past T:
+  gather with `jnp.clip(pos, 0, T - 1)`, mask with pos itself), and their chunk [N]."""
   Ct = p.tokens_per_chunk
-  idx = begin[:, None] + jnp.arange(Ct, dtype=jnp.int32)
-  return jnp.clip(idx, 0, p.T - 1), jnp.clip(begin // Ct, 0, p.num_chunks - 1)
+  return begin[:, None] + jnp.arange(Ct, dtype=jnp.int32), jnp.clip(begin // Ct, 0,
+                                                                      p.num_chunks - 1)
 
 
 def _gate_sums(p: Problem, g_rows, own):
@@ -61,10 +62,11 @@ def inject_initial_states(p: Problem, q, k, v, g, h0, docs: Documents):
   [B, nc, HV, K, V] float32 to add to the state leaving each chunk).
   """
   Ct, nc, H, G = p.tokens_per_chunk, p.num_chunks, p.H, p.G
-  idx, chunk = _window(p, docs, docs.first)
+  pos, chunk = _window(p, docs.first)
+  idx = jnp.clip(pos, 0, p.T - 1)
   chunk_end = jnp.minimum((chunk + 1) * Ct - 1, p.T - 1)
   active = ~docs.empty & (docs.first % Ct != 0)
-  own = (idx >= docs.first[:, None]) & (idx <= jnp.minimum(docs.last, chunk_end)[:, None])
+  own = (pos >= docs.first[:, None]) & (pos <= jnp.minimum(docs.last, chunk_end)[:, None])
   own = own & active[:, None]
   rows = lambda x: x[docs.stream[:, None], idx]                         # [N, Ct, ...]
   h = as_float32(h0).reshape(p.N, H, G, p.K, p.V)
@@ -100,9 +102,8 @@ def document_finals(p: Problem, k, g, h0, docs: Documents, S_in, v_new):
   their initial states through).
   """
   Ct, n, H, G = p.tokens_per_chunk, p.n, p.H, p.G
-  chunk = jnp.clip(docs.last // Ct, 0, p.num_chunks - 1)
-  idx = jnp.clip(chunk[:, None] * Ct + jnp.arange(Ct, dtype=jnp.int32), 0, p.T - 1)
-  pos = chunk[:, None] * Ct + jnp.arange(Ct, dtype=jnp.int32)
+  pos, chunk = _window(p, jnp.clip(docs.last // Ct, 0, p.num_chunks - 1) * Ct)
+  idx = jnp.clip(pos, 0, p.T - 1)
   own = (pos >= docs.first[:, None]) & (pos <= docs.last[:, None]) & ~docs.empty[:, None]
   rows = lambda x: x[docs.stream[:, None], idx]
   first_segment = docs.first <= chunk * Ct

@@ -43,10 +43,16 @@ def _matmul(x, y, precision):
 
 
 def invert_unit_lower(A: jax.Array, precision=None) -> jax.Array:
-  """(I + A)^-1 for A [..., C, C] strictly lower triangular, C a power of two."""
+  """(I + A)^-1 for A [..., C, C] strictly lower triangular.
+
+  Any C: other sizes are padded to the next power of two with identity rows, whose inverse
+  block is the identity and leaves the top-left C x C block exact.
+  """
   C = A.shape[-1]
   if C & (C - 1):
-    raise ValueError(f"the block size must be a power of two; got {C}.")
+    P = 1 << (C - 1).bit_length()
+    A = jnp.pad(A, [(0, 0)] * (A.ndim - 2) + [(0, P - C), (0, P - C)])
+    return invert_unit_lower(A, precision)[..., :C, :C]
   X = jnp.ones((*A.shape[:-2], C, 1, 1), A.dtype)      # inverses of the 1 x 1 diagonal blocks
   b = 1
   while b < C:
