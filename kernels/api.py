@@ -14,9 +14,11 @@ from .config import KernelConfig
 
 
 def _backend_run(backend: str):
+  if backend == "gpu":
+    from .gpu import run  # pylint: disable=g-import-not-at-top
+    return run
   from .generic import run  # pylint: disable=g-import-not-at-top
-  sequential = {"tpu": "grid", "gpu": "loop"}[backend]
-  return functools.partial(run.run, backend=backend, sequential=sequential)
+  return functools.partial(run.run, backend=backend, sequential="grid")
 
 
 def pallas(p: Problem, q, k, v, beta, g, h0, docs, config: KernelConfig | None = None):
