@@ -142,7 +142,10 @@ def run(p: Problem, q, k, v, beta, g, h0, docs, *, options=None, interpret=False
 
   o_add = S_add = None
   if docs is not None and h0 is not None:
-    v, o_add, S_add = packing.inject_initial_states(ps, q, k, v, g, h0, docs)
+    # (packing takes the step axis of deltajax.core.problem's contract: n = 1 here)
+    v, o_add, S_add = packing.inject_initial_states(ps, q, k[:, :, None], v[:, :, None], g,
+                                                    h0, docs)
+    v = v[:, :, 0]
 
   B, H, HV = p.B, p.H, p.HV
   T = cdiv(T0, C) * C
@@ -208,4 +211,4 @@ def run(p: Problem, q, k, v, beta, g, h0, docs, *, options=None, interpret=False
   S_in = jnp.moveaxis(h[..., :p.K, :p.V], 2, 1)                       # [B, nc, HV, K, V]
   v_steps = jnp.moveaxis(V_new[..., :T0, :p.V], 1, 2)                 # [B, T0, HV, V]
   v_steps = _pad_to(v_steps, 1, T).reshape(B, nc, C, HV, p.V)
-  return o, packing.document_finals(ps, k, g, h0, docs, S_in, v_steps)
+  return o, packing.document_finals(ps, k[:, :, None], g, h0, docs, S_in, v_steps)
