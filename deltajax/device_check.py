@@ -95,7 +95,8 @@ def check_values(kernel_config, budget: Budget, log: Callable[[str], None],
   """The kernels against the float64 token loop; one record per (case, dtype, op) in `which`
   (default: all)."""
   from deltajax.kernels.gpu.run import MAX_HEAD_DIM_FLOAT32  # pylint: disable=g-import-not-at-top
-  which = which or [(c, d, o) for c in CASES for d in ("bfloat16", "float32") for o in OPS]
+  if which is None:
+    which = [(c, d, o) for c in CASES for d in ("bfloat16", "float32") for o in OPS]
   out = []
   for case, dtype, op in which:
     shape, kw = CASES[case]
@@ -169,12 +170,12 @@ def time_fla(op: str, shape: dict, repeats: int) -> dict:
 
 
 def time_all(kernel_config, budget: Budget, log, repeats: int = 5,
-             impls=("pallas", "chunk", "fla"), shapes=SPEED_SHAPES) -> list[dict]:
+             impls=("pallas", "chunk", "fla"), shapes=SPEED_SHAPES, ops=OPS) -> list[dict]:
   from deltajax import bench  # pylint: disable=g-import-not-at-top
   peak = bench.device_peak_tflops()
   out = []
   for shape in shapes:
-    for op in OPS:
+    for op in ops:
       for impl in impls:
         rec = dict(op=op, impl=impl, **shape)
         if budget.left() < 45:
@@ -233,7 +234,7 @@ def verdict(checks: list[dict], timings: list[dict]) -> dict:
 
 def run(json_path: str | None = None, budget_s: float = 450.0, kernel_config=None,
         log: Callable[[str], None] = print, repeats: int = 5, impls=("pallas", "chunk", "fla"),
-        shapes=SPEED_SHAPES, cases=tuple(CASES)) -> dict:
+        shapes=SPEED_SHAPES, cases=tuple(CASES), ops=OPS) -> dict:
   """Runs the device check; returns (and writes to `json_path` after every stage) everything
   it measured. Stages in order of importance, so a short budget still answers the main
   questions: bf16 correctness, then the T=8192 timings, then the remaining checks and shape.
@@ -253,14 +254,15 @@ def run(json_path: str | None = None, budget_s: float = 450.0, kernel_config=Non
       with open(json_path, "w") as f:
         json.dump(report, f, indent=1, default=str)
 
-  first = [(c, "bfloat16", o) for c in cases[:1] for o in OPS]
-  rest = [(c, d, o) for c in cases for d in ("bfloat16", "float32") for o in OPS
+  cases = tuple(cases)
+  first = [(c, "bfloat16", o) for c in cases[:1] for o in ops]
+  rest = [(c, d, o) for c in cases for d in ("bfloat16", "float32") for o in ops
           if (c, d, o) not in first]
   stages = [
       ("checks", lambda: check_values(kernel_config, budget, log, first)),
-      ("timings", lambda: time_all(kernel_config, budget, log, repeats, impls, shapes[:1])),
+      ("timings", lambda: time_all(kernel_config, budget, log, repeats, impls, shapes[:1], ops)),
       ("checks", lambda: check_values(kernel_config, budget, log, rest)),
-      ("timings", lambda: time_all(kernel_config, budget, log, repeats, impls, shapes[1:])),
+      ("timings", lambda: time_all(kernel_config, budget, log, repeats, impls, shapes[1:], ops)),
   ]
   for key, stage in stages:
     report[key] += stage()
@@ -275,6 +277,10 @@ def run(json_path: str | None = None, budget_s: float = 450.0, kernel_config=Non
 
 
 def main(json_path: str | None, budget_s: float) -> None:
+  import os  # pylint: disable=g-import-not-at-top
+  # JAX must not take 75% of the GPU before torch/fla run beside it (read when the backend
+  # starts, so before the first jax.devices()).
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   dev = jax.devices()[0]
   if dev.platform != "gpu":
     raise SystemExit(f"--device-check runs the Mosaic GPU kernels compiled: it needs a CUDA "

@@ -299,6 +299,10 @@ def kernel(body, *, out_type, scratch: dict, grid, grid_names, interpret: bool, 
   def entry(*refs):
     pl.run_scoped(functools.partial(body, *refs), **scratch)
 
-  mesh = plgpu.Mesh(grid=tuple(grid), grid_names=tuple(grid_names))
-  return pl.kernel(entry, out_type=out_type, mesh=mesh, interpret=params,
-                   cost_estimate=cost, name=name)
+  try:
+    mesh = plgpu.Mesh(grid=tuple(grid), grid_names=tuple(grid_names))
+    return pl.kernel(entry, out_type=out_type, mesh=mesh, interpret=params,
+                     cost_estimate=cost, name=name)
+  except TypeError:  # a jax whose pl.kernel / plgpu.Mesh take other arguments (not 0.10.2)
+    return plgpu.kernel(entry, out_type=out_type, grid=tuple(grid),
+                        grid_names=tuple(grid_names), interpret=params)
