@@ -66,7 +66,8 @@ def _spec_and_inputs(gate, packed, dtype, *, B=1, T=128, H=1, HV=2, K=64, V=64, 
   if gate == "head":
     g = -gate_scale * jax.nn.softplus(jax.random.normal(ks[4], (B, HV, T), f32))
     x["G"] = jnp.cumsum(g.reshape(B, HV, T // 64, 64), -1).reshape(B, HV, T)
-    x["gates"] = (x["G"],)
+    rest = (x["G"].reshape(B, HV, T // 64, 64)[..., -1:] - x["G"].reshape(B, HV, T // 64, 64))
+    x["gates"] = (x["G"], jnp.zeros_like(x["G"]), rest.reshape(B, HV, T))   # G, lo, G_rev
   elif gate == "channel":
     g = -gate_scale * jax.nn.softplus(jax.random.normal(ks[4], (B, T, HV, K), f32))
     g = jnp.maximum(g, gates.MIN_CHANNEL_GATE)

@@ -23,7 +23,7 @@ L2_EPS = 1e-6  # as deltajax.core.inputs.l2norm
 
 def gate_inputs(spec: Spec) -> int:
   """How many GMEM inputs carry the gates: G, plus its reference-row view per channel."""
-  return {None: 0, "head": 1, "channel": 2}[spec.gate]
+  return {None: 0, "head": 3, "channel": 2}[spec.gate]
 
 
 def mask_inputs(spec: Spec) -> int:
@@ -40,7 +40,7 @@ def side_scratch(spec: Spec) -> dict:
   C, K = spec.C, spec.K
   s = {}
   if spec.gate == "head":
-    s["g"] = mg.vector(C)
+    s["g"], s["g_lo"], s["g_rev"] = mg.vector(C), mg.vector(C), mg.vector(C)
   elif spec.gate == "channel":
     s["g"] = mg.tile((C, K))
     s["g_refs"] = plgpu.SMEM((C // REFERENCE_STRIDE, K), jnp.float32)
@@ -62,6 +62,8 @@ def side_copies(spec: Spec, refs, s: dict, b, h, t0) -> list:
   refs = list(refs)
   if spec.gate == "head":
     out.append((refs.pop(0).at[b, h, pl.ds(t0, C)], s["g"]))
+    out.append((refs.pop(0).at[b, h, pl.ds(t0, C)], s["g_lo"]))
+    out.append((refs.pop(0).at[b, h, pl.ds(t0, C)], s["g_rev"]))
   elif spec.gate == "channel":
     g, g4 = refs.pop(0), refs.pop(0)
     out.append((g.at[b, pl.ds(t0, C), h], s["g"]))
@@ -78,6 +80,7 @@ def chunk_gates(spec: Spec, chip: mg.Chip, s: dict, scratch=None) -> ChunkGates:
   cg = ChunkGates(chip=chip, kind=spec.gate, C=spec.C, scratch=scratch)
   if spec.gate == "head":
     cg.g_rows, cg.g_cols = chip.rows(s["g"]), chip.cols(s["g"])
+    cg.lo_rows, cg.lo_cols = chip.rows(s["g_lo"]), chip.cols(s["g_lo"])
   elif spec.gate == "channel":
     cg.g, cg.g_refs = chip.load(s["g"]), s["g_refs"]
   if spec.packed:
@@ -104,7 +107,7 @@ def normalize_vjp(chip: mg.Chip, xn, inv, dxn):
 def decay_rows(spec: Spec, chip: mg.Chip, cg: ChunkGates, shape):
   """exp(G) per row (and channel): the decay from the chunk start through each step."""
   if spec.gate == "head":
-    return chip.to_rows(jnp.exp(cg.g_rows), shape)
+    return chip.to_rows(jnp.exp(cg.g_rows + cg.lo_rows), shape)
   if spec.gate == "channel":
     return jnp.exp(cg.g)
   return None

@@ -55,7 +55,9 @@ def core(spec: Spec, interpret: bool, expose: bool, q, k, v, beta, gates, masks,
   chunk [B, HV, nc, K, V] and V_new [B, HV, T, V] float32 (what the per-document final states
   are formed from); else None, None).
 
-  q, k [B, T, H, K] and v [B, T, HV, V] raw; beta [B, HV, T]; gates () or (G,); masks () or
+  q, k [B, T, H, K] and v [B, T, HV, V] raw; beta [B, HV, T]; gates () or, per head,
+  (G, G_lo, G_rev): G's running sums, their compensation and the sums after each step to the
+  chunk's end, or (G,) per channel; masks () or
   (seg, first, last); D [B, HV, nc, K]; h0 [B, HV, K, V]; S_add None or [B, HV, nc, K, V].
   """
   return _fwd(spec, interpret, expose, q, k, v, beta, gates, masks, D, h0, S_add)[0]
@@ -105,7 +107,14 @@ def _bwd(spec, interpret, expose, res, cts):
       spec, k, v, beta, g4, masks, dV_new, h, V_new, dSo, interpret=interpret)
   dq = _load_vjp(spec, q, dq, spec.scale)
   dk = _load_vjp(spec, k, dk_o + dk_p, 1.0)
-  dgates = () if spec.gate is None else ((dG_o + dG_p).astype(gates[0].dtype),)
+  # Per head the gates are (G, its compensation, G_rev): the first two carry G's gradient.
+  if spec.gate == "head":
+    dG = dG_o + dG_p[0]
+    dgates = (dG, dG, dG_p[1])
+  elif spec.gate == "channel":
+    dgates = (dG_o + dG_p[0],)
+  else:
+    dgates = ()
   dS_add = None if S_add is None else _sum_pieces(dSo, 3)
   return (dq, dk, dv.astype(v.dtype), dbeta.astype(beta.dtype), dgates,
           tuple(jnp.zeros_like(m) for m in masks), dD, dh0, dS_add)

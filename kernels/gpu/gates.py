@@ -59,7 +59,10 @@ class ChunkGates:
     chip: the kernel's helpers.
     kind: None, "head" or "channel".
     C: steps per chunk.
-    g_rows, g_cols: head gates G [C] along rows / columns (None otherwise).
+    g_rows, g_cols: head gates G [C] along rows / columns (None otherwise), and lo_rows,
+      lo_cols the compensation of their running sums (G = g + lo to twice float32's
+      precision): G_i - G_j = (g_i - g_j) + (lo_i - lo_j) is then accurate relative to the
+      difference, not to |G| (strong gates reach |G| ~ 1e3 in a chunk).
     g: per-channel G [C, K] float32 registers (None otherwise).
     g_refs: SMEM [C / 4, K]: rows 3, 7, 11, ... of G (per-channel only).
     seg_rows, seg_cols: segment ids [C] (float) along rows / columns; None without documents.
@@ -71,6 +74,8 @@ class ChunkGates:
   C: int
   g_rows: Any = None
   g_cols: Any = None
+  lo_rows: Any = None
+  lo_cols: Any = None
   g: Any = None
   g_refs: Any = None
   seg_rows: Any = None
@@ -98,7 +103,9 @@ class ChunkGates:
     if self.kind is None:
       return jnp.where(mask, 1.0, 0.0).astype(F32)
     shape = (self.C, self.C)
-    diff = self.chip.to_rows(self.g_rows, shape) - self.chip.to_cols(self.g_cols, shape)
+    rows, cols = self.chip.to_rows, self.chip.to_cols
+    diff = ((rows(self.g_rows, shape) - cols(self.g_cols, shape))
+            + (rows(self.lo_rows, shape) - cols(self.lo_cols, shape)))
     return jnp.exp(jnp.where(mask, diff, -jnp.inf))
 
   # -- per-channel factors -----------------------------------------------------------------

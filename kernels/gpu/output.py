@@ -103,7 +103,7 @@ def forward_cost(spec: Spec) -> pl.CostEstimate:
   chunks = spec.B * spec.HV * spec.nc
   inb = spec.in_dtype.itemsize
   sd = 2 * P
-  g_bytes = {None: 0, "head": 4, "channel": 4 * K * 1.25}[spec.gate]
+  g_bytes = {None: 0, "head": 8, "channel": 4 * K * 1.25}[spec.gate]
   flops = 2 * chunks * prod * (n_scores * C * C * K + C * K * V + C * C * V)
   bytes_ = (spec.B * spec.T * (spec.HV * (2 * K * inb + g_bytes + V * (sd + inb)))
             + chunks * K * V * sd)
@@ -168,18 +168,24 @@ def _backward_kernel(spec: Spec, interpret: bool, q_ref, k_ref, *refs, **s):
 
   # Through Qg = q exp(G) first and Attn = scores(q, k):
   #   dq = dQg exp(G) first + apply(dAttn, k),  dk = apply_t(dAttn, q),
-  #   dG = q . dq - k . dk (over K per head gate, per channel otherwise).
+  #   dG = q . dq - k . dk (over K per head gate, per channel otherwise),
+  # the diagonal of dAttn left out of dG: it carries no decay, and its two shares would cancel
+  # only up to rounding, noise that dominates dg where strong gates make it small.
   def grads(ga=None, gb=None, gm=None):
     scratch = (mg.Operand(ga) if ga is not None else None,
                mg.Operand(gb) if gb is not None else None, mg.Operand(gm))
     cg = io.chunk_gates(spec, chip, s, scratch)
     q_op, k_op = mg.Operand(s["q_op"]), mg.Operand(s["k_op"])
     q, k = chip.load_pieces(q_op), chip.load_pieces(k_op)
+    i, j = chip.iota((C, C), 0), chip.iota((C, C), 1)
     dattn_m = jnp.where(cg.pairs(True), dattn, 0.0)
+    diag = chip.to_rows(jnp.sum(jnp.where(i == j, dattn_m, 0.0), axis=1), (C, K))
+    dattn_off = jnp.where(i == j, 0.0, dattn_m)
     first = io.row_mask(chip, s, "first", (C, K))
-    dq = io.mul(dqg, io.decay_rows(spec, chip, cg, (C, K)), first) + cg.apply(dattn_m, k, k_op)
-    dk = cg.apply_t(dattn_m, q, q_op)
-    return dq, dk, q * dq - k * dk
+    dq_gated = (io.mul(dqg, io.decay_rows(spec, chip, cg, (C, K)), first)
+                + cg.apply(dattn_off, k, k_op))
+    dk_gated = cg.apply_t(dattn_off, q, q_op)
+    return dq_gated + diag * k, dk_gated + diag * q, q * dq_gated - k * dk_gated
 
   if spec.gate == "channel":   # apply uses only the b buffer, apply_t only the a buffer
     dq, dk, dg = mg.scoped(lambda ga, gm: grads(ga, ga, gm), ga=mg.operand(P, C, K),
@@ -224,7 +230,7 @@ def backward_cost(spec: Spec) -> pl.CostEstimate:
   n_scores = len(levels(C)) + 1 if spec.gate == "channel" else 1
   chunks = spec.B * spec.HV * spec.nc
   inb = spec.in_dtype.itemsize
-  g_bytes = {None: 0, "head": 4, "channel": 4 * K * 1.25}[spec.gate]
+  g_bytes = {None: 0, "head": 8, "channel": 4 * K * 1.25}[spec.gate]
   flops = 2 * chunks * prod * (n_scores * C * C * K * 3 + C * C * V * 2 + C * K * V)
   bytes_ = (spec.B * spec.T * spec.HV * (2 * K * inb + g_bytes * 2 + V * (inb + 4 * P) + 2 * K * 4
                                          + 2 * P * K)

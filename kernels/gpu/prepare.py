@@ -45,7 +45,7 @@ def cost(spec: Spec) -> pl.CostEstimate:
                + C * C * (K + V) * products(P))
   chunks = spec.B * spec.HV * spec.nc
   inb = spec.in_dtype.itemsize
-  g_bytes = {None: 0, "head": 4, "channel": 4 * K * 1.25}[spec.gate]
+  g_bytes = {None: 0, "head": 8, "channel": 4 * K * 1.25}[spec.gate]
   steps = spec.B * spec.T * spec.HV
   bytes_in = steps * ((K + V) * inb + 4 + g_bytes)
   bytes_out = steps * P * 2 * (2 * K + V)
@@ -126,8 +126,8 @@ def _kernel(spec: Spec, interpret: bool, k_ref, v_ref, beta_ref, *refs, **s):
 def _decay_to_end(spec: Spec, chip: mg.Chip, cg, s, shape):
   """exp(G_last - G) per row (and channel): the decay from after each step to the chunk end."""
   C = spec.C
-  if spec.gate == "head":
-    return chip.to_rows(jnp.exp(s["g"][C - 1] - cg.g_rows), shape)
+  if spec.gate == "head":   # its own input (the sum after each step): no difference of sums
+    return chip.to_rows(jnp.exp(chip.rows(s["g_rev"])), shape)
   if spec.gate == "channel":
     last = chip.to_cols(chip.cols(s["g_refs"].at[(C - 1) // REFERENCE_STRIDE]), shape)
     return jnp.exp(last - cg.g)

@@ -39,6 +39,7 @@ def _kernel(spec: Spec, interpret: bool, k_ref, v_ref, beta_ref, *refs, **s):
   ns = io.side_count(spec)
   side = refs[:ns]
   dvn_ref, h_ref, vn_ref, dso_ref, dk_ref, dv_ref, dbeta_ref, dd_ref, *dg_ref = refs[ns:]
+  # dg_ref: () or (dG,) per channel or (dG, dG_rev) per head
   C, K, V, P, IP = spec.C, spec.K, spec.V, spec.parts, spec.inverse_parts
   c, h, b = lax.axis_index("chunk"), lax.axis_index("head"), lax.axis_index("stream")
   t0 = c * C
@@ -137,7 +138,7 @@ def _kernel(spec: Spec, interpret: bool, k_ref, v_ref, beta_ref, *refs, **s):
                 io.row_mask(chip, s, "last", (C, K)))                       # exp(G_last - G) last dKd
     t2, t3 = cg.apply(dkk, k, k_op), cg.apply_t(dkk, k, k_op)
     dk = t2 + t3 + ew + kd
-    dg = k * (t2 - t3 + ew - kd)
+    dg = k * (t2 - t3 + ew)
     return dk, dg, k * kd, db
 
   if spec.gate == "channel":   # apply uses only the b buffer, apply_t only the a buffer
@@ -146,11 +147,14 @@ def _kernel(spec: Spec, interpret: bool, k_ref, v_ref, beta_ref, *refs, **s):
     dk, dg, kkd, db = mg.scoped(grads, gm=mg.operand(P, C, C))
 
   _store_rows(spec, chip, s, dk, dk_ref.at[b, rows, h])
-  if spec.gate:
+  if spec.gate == "channel":   # through exp(G_last - G): G[C - 1] gains the sum, G loses it
     i = chip.iota((C, K), 0)
-    last_row = chip.to_cols(jnp.sum(kkd, axis=0), (C, K))      # G_last = G[C - 1] gains sum k.kd
-    _store_gate_grad(spec, chip, s, dg + jnp.where(i == C - 1, last_row, 0.0), dg_ref[0], b, h,
-                     rows)
+    last_row = chip.to_cols(jnp.sum(kkd, axis=0), (C, K))
+    _store_gate_grad(spec, chip, s, dg - kkd + jnp.where(i == C - 1, last_row, 0.0), dg_ref[0],
+                     b, h, rows)
+  elif spec.gate == "head":   # through exp(G_rev), G_rev its own input (no cancellation in dg)
+    _store_gate_grad(spec, chip, s, dg, dg_ref[0], b, h, rows)
+    _store_gate_grad(spec, chip, s, kkd, dg_ref[1], b, h, rows)
 
   def vectors(db_buf, dd_buf):
     db_buf[...] = db
@@ -170,7 +174,7 @@ def cost(spec: Spec) -> pl.CostEstimate:
                + (C * C * V * 2 + 2 * C * K * V) * prod(P))
   chunks = spec.B * spec.HV * spec.nc
   inb = spec.in_dtype.itemsize
-  g_bytes = {None: 0, "head": 4, "channel": 4 * K * 1.25}[spec.gate]
+  g_bytes = {None: 0, "head": 8, "channel": 4 * K * 1.25}[spec.gate]
   steps = spec.B * spec.T * spec.HV
   bytes_ = (steps * ((K + 2 * V) * inb + 8 + 2 * g_bytes + 3 * 2 * P * V + 4 * K)
             + chunks * 2 * (2 * P * K * V) + chunks * 4 * K)
@@ -182,14 +186,15 @@ def cost(spec: Spec) -> pl.CostEstimate:
 def prepare_backward(spec: Spec, k, v, beta, gates, masks, dV_new, h, V_new, dSo, *,
                      interpret: bool):
   """(dk [B, T, HV, K] float32 of the normalised k, dv [B, T, HV, V] in v's dtype,
-  dbeta [B, HV, T], dD [B, HV, nc, K], dG like G or None), all float32 but dv."""
+  dbeta [B, HV, T], dD [B, HV, nc, K], and None without gates, (dG,) per channel or
+  (dG, dG_rev) per head), all float32 but dv."""
   B, HV, T, K, V = spec.B, spec.HV, spec.T, spec.K, spec.V
   out_type = (jax.ShapeDtypeStruct((B, T, HV, K), jnp.float32),
               jax.ShapeDtypeStruct((B, T, HV, V), spec.in_dtype),
               jax.ShapeDtypeStruct((B, HV, T), jnp.float32),
               jax.ShapeDtypeStruct((B, HV, spec.nc, K), jnp.float32))
   if spec.gate:
-    out_type += (gate_grad_type(spec),)
+    out_type += (gate_grad_type(spec),) * (2 if spec.gate == "head" else 1)
   P, C = spec.parts, spec.C
   scratch = dict(k_op=mg.operand(P, C, K), beta=mg.vector(C), x_op=mg.operand(P, C, C),
                  kk_op=mg.operand(P, C, C), **io.side_scratch(spec))
@@ -199,4 +204,4 @@ def prepare_backward(spec: Spec, k, v, beta, gates, masks, dV_new, h, V_new, dSo
   dk, dv, dbeta, dD, *dG = call(k, v, beta, *gates, *masks, dV_new.reshape(spec.step_shape(V)),
                                 h.reshape(spec.state_shape), V_new.reshape(spec.step_shape(V)),
                                 dSo.reshape(spec.state_shape))
-  return dk, dv, dbeta, dD, (dG[0] if dG else None)
+  return dk, dv, dbeta, dD, (tuple(dG) if dG else None)

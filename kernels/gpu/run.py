@@ -106,6 +106,51 @@ def _as_steps(p: Problem, q, k, v, beta, g, docs):
   return q, k, v, beta, g, docs
 
 
+def _two_sum(a, b):
+  """(s, e) with s = fl(a + b) and s + e = a + b exactly (Knuth's TwoSum)."""
+  s = a + b
+  bb = s - a
+  return s, (a - (s - bb)) + (b - bb)
+
+
+def _compensated_chunk_cumsum(x, C: int, axis: int):
+  """(G, G_lo): the running sum of x along `axis` from each chunk's start, and the rounding
+  error it made (G + G_lo is the sum to about twice float32's precision).
+
+  A head gate's decay between two steps is exp(G_i - G_j); with G_i - G_j formed from rounded
+  running sums its exponent is off by ~|G| eps, and strong gates make |G| ~ 1e3 over a chunk.
+  The kernels form (G_i - G_j) + (lo_i - lo_j) instead. The gradient is that of the plain
+  running sum (the compensation's derivative is zero).
+  """
+  shape = x.shape
+  xc = jnp.moveaxis(x.reshape(shape[:axis] + (shape[axis] // C, C) + shape[axis + 1:]),
+                    axis + 1, 0)
+
+  def step(carry, xi):
+    s, e = carry
+    s, err = _two_sum(s, xi)
+    return (s, e + err), (s, e + err)
+  zero = jnp.zeros_like(xc[0])
+  _, (s, e) = jax.lax.scan(step, (zero, zero), jax.lax.stop_gradient(xc))
+  back = lambda y: jnp.moveaxis(y, 0, axis + 1).reshape(shape)
+  plain = _chunk_cumsum(x, C, axis)
+  G = plain + jax.lax.stop_gradient(back(s) - plain)          # value s, gradient of cumsum
+  return G, jax.lax.stop_gradient(back(e))
+
+
+def _chunk_rest(x, C: int, axis: int):
+  """The sum of x along `axis` after each position to its chunk's end (exclusive): the decay
+  from a step to the chunk end, summed directly rather than as G_last - G (whose gradient
+  would be a difference of large running sums for strong gates)."""
+  shape = x.shape
+  xc = x.reshape(shape[:axis] + (shape[axis] // C, C) + shape[axis + 1:])
+  after = jnp.flip(jnp.cumsum(jnp.flip(xc, axis + 1), axis=axis + 1), axis + 1)   # inclusive
+  pad = [(0, 0)] * xc.ndim
+  pad[axis + 1] = (0, 1)
+  after = jax.lax.slice_in_dim(jnp.pad(after, pad), 1, C + 1, axis=axis + 1)   # shift: exclusive
+  return after.reshape(shape)
+
+
 def _chunk_cumsum(x, C: int, axis: int):
   """The sum of x along `axis` (length T, a multiple of C) from the start of each chunk."""
   shape = x.shape
@@ -165,9 +210,11 @@ def run(p: Problem, q, k, v, beta, g, h0, docs, *, options=None, interpret=False
 
   gates, G_last = (), None
   if p.gate == "head":
-    G = _chunk_cumsum(pad(g).astype(jnp.float32), C, 1)               # [B, T, HV]
-    G_last = jnp.moveaxis(G.reshape(B, nc, C, HV)[:, :, -1], 1, 2)[..., None]   # [B, HV, nc, 1]
-    gates = (jnp.moveaxis(G, 1, 2),)
+    G, G_lo = _compensated_chunk_cumsum(pad(g).astype(jnp.float32), C, 1)   # [B, T, HV]
+    last = lambda x: jnp.moveaxis(x.reshape(B, nc, C, HV)[:, :, -1], 1, 2)[..., None]
+    G_last = last(G) + last(G_lo)                                      # [B, HV, nc, 1]
+    G_rev = _chunk_rest(pad(g).astype(jnp.float32), C, 1)
+    gates = tuple(jnp.moveaxis(x, 1, 2) for x in (G, G_lo, G_rev))
   elif p.gate == "channel":
     G = _chunk_cumsum(_pad_to(pad(g).astype(jnp.float32), 3, Kp), C, 1)   # [B, T, HV, Kp]
     G_last = jnp.moveaxis(G.reshape(B, nc, C, HV, Kp)[:, :, -1], 1, 2)     # [B, HV, nc, Kp]
