@@ -14,11 +14,13 @@ from .config import KernelConfig
 
 
 def _backend_run(backend: str):
+  if backend == "tpu":
+    from .tpu import run  # pylint: disable=g-import-not-at-top
+    return run
   if backend == "gpu":
     from .gpu import run  # pylint: disable=g-import-not-at-top
     return run
-  from .generic import run  # pylint: disable=g-import-not-at-top
-  return functools.partial(run.run, backend=backend, sequential="grid")
+  raise ValueError(f"no Pallas kernels for backend {backend!r}; have 'tpu' and 'gpu'.")
 
 
 def pallas(p: Problem, q, k, v, beta, g, h0, docs, config: KernelConfig | None = None):

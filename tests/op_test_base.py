@@ -137,6 +137,24 @@ class OpTestBase:
     # g around -20 per token: exp(+G) over a chunk would overflow float32.
     self.check(op, B=1, T=self.T, gate_scale=20.0)
 
+  def test_gates_at_minus_infinity(self):
+    # A log-gate of -inf forgets everything (a reset by decay); values and gradients stay
+    # finite and match the oracle, whose e^-inf is exactly 0.
+    args, h0 = make_inputs("kda", B=1, T=self.T)
+    q, k, v, g, beta = args
+    t, c = np.arange(self.T)[:, None], np.arange(q.shape[-1])[None]
+    g = jnp.where(jnp.asarray((t % 7 == 3) & (c % 3 == 0))[None, :, None], -jnp.inf, g)
+    o, s, grads = self.call("kda", (q, k, v, g, beta), h0)
+    with jax.enable_x64(True):
+      up = lambda x: jnp.asarray(x, jnp.float64)
+      ref = _vjp(lambda a, h: oracle(*_with_steps("kda", *split_args("kda", a)), h,
+                                     gate="channel"),
+                 tuple(map(up, (q, k, v, g, beta))), up(h0))
+    assert_close(o, ref[0], 1e-5, "output")
+    assert_close(s, ref[1], 1e-5, "final state")
+    for name, a, b in zip(_names("kda"), grads, ref[2]):
+      assert_close(a, b, 1e-5, f"d{name}")
+
   # --- identities ------------------------------------------------------------------------
 
   def run(self, op, args, **kw):

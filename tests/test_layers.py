@@ -102,11 +102,14 @@ def test_packed_equals_separate_and_padding_is_inert(name):
   ref = jax.jit(m.apply)(params, alone)[0]
   for i, (b, s, e) in enumerate(_DOCS):
     assert_close(packed[b, s:e], ref[i, :e - s], 1e-5, f"{name} document {i}")
-  # Different padding contents (and a different padding id run) leave real tokens alone.
+  # Different padding contents (and a different padding id run) leave real tokens alone. Not
+  # bit for bit: padding shares chunks with real tokens, so it can move the per-channel gate
+  # factoring's reference point (kda), which changes the rounding, not the maths.
   pad = jnp.asarray(_SEG == 0)[..., None]
   x2 = jnp.where(pad, 100.0 * _x(T, seed=3), x)
   packed2 = apply(params, x2, jnp.asarray(_SEG))
-  np.testing.assert_array_equal(np.asarray(packed2)[_SEG != 0], np.asarray(packed)[_SEG != 0])
+  real = _SEG != 0
+  assert_close(np.asarray(packed2)[real], np.asarray(packed)[real], 1e-6, "real tokens")
 
 
 def test_cu_seqlens_rows_and_positions():

@@ -1,10 +1,17 @@
-"""The Pallas kernels lower for their accelerators on a machine without one.
+"""The Pallas kernels lower for platforms this machine does not have (no accelerator needed).
 
-CUDA: every op, forward and forward+backward, lowers to Mosaic GPU custom calls
-(`mosaic_gpu_v2`) and to no Triton call; at the largest sizes the kernels take (K = V = 256 in
-bfloat16, and float32 at its limits) every kernel fits a Hopper SM's shared memory, which the
-Mosaic GPU lowering checks. Lowering is what a CPU can verify: compiling the lowered modules
-needs a GPU (`deltajax-bench --device-check`).
+`jax.jit(f).trace(...).lower(lowering_platforms=(...,))` runs the Pallas-to-Mosaic lowering; it
+does not run Mosaic's own compiler passes (those run when the accelerator compiles the custom
+call: `python -m deltajax.kernels.tpu.compile_check` does that for TPU on a CPU with libtpu
+installed; for GPU, `deltajax-bench --device-check` on a GPU).
+
+* TPU: every op, forward and forward+backward, lowers to Mosaic TPU custom calls.
+* CUDA: every op, forward and forward+backward, lowers to the Mosaic GPU kernels
+  (`mosaic_gpu_v2` custom calls) and to no Triton call; at the largest sizes the kernels take
+  (K = V = 256 in bfloat16, and float32 at its limits) every kernel fits a Hopper SM's shared
+  memory, which the Mosaic GPU lowering checks.
+* The public op with impl="pallas" and the default KernelConfig (backend "auto") picks the
+  kernels by the platform lowered for: Mosaic GPU for "cuda", Mosaic TPU for "tpu".
 """
 from __future__ import annotations
 
@@ -12,9 +19,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import deltajax
 from deltajax.core.documents import from_cu_seqlens
 from deltajax.core.problem import Problem
-from deltajax.kernels import KernelConfig, GpuOptions, pallas
+from deltajax.kernels import GpuOptions, KernelConfig, pallas
+
+# --- Mosaic GPU ---------------------------------------------------------------------------
 
 GATE = {"delta_rule": None, "gated_delta_rule": "head", "kda": "channel",
         "delta_product": "head"}
@@ -60,9 +70,10 @@ KERNELS = ("deltajax_prepare", "deltajax_state_forward", "deltajax_output",
 
 @pytest.mark.parametrize("op", list(GATE))
 def test_every_op_lowers_to_mosaic_gpu(op):
-  # Forward+backward: the forward's prepare, state pass and outputs, then prepare again, the
-  # outputs' backward, the reverse pass and the preparation's backward.
+  # Forward: prepare, the state pass and the outputs. Forward+backward: those, then prepare
+  # again, the outputs' backward, the reverse pass and the preparation's backward.
   p, args, docs = _inputs(op)
+  assert _kernels(_lowered(p, args, docs, backward=False)) == 3
   text = _lowered(p, args, docs, backward=True)
   assert _kernels(text) == 3 + 4
   assert all(name in text for name in KERNELS)
@@ -78,3 +89,52 @@ def test_largest_sizes_fit_shared_memory(op, dtype, dim, options):
   # Documents with initial and final states take every optional input of the state passes.
   p, args, docs = _inputs(op, K=dim, V=dim, dtype=dtype, packed=True)
   assert _kernels(_lowered(p, args, docs, backward=True, options=options)) == 7
+
+
+# --- Mosaic TPU ---------------------------------------------------------------------------
+
+_TPU_OPS = {  # op: (gate, n)
+    "delta_rule": (None, 1), "gated_delta_rule": ("head", 1), "kda": ("channel", 1),
+    "delta_product": ("head", 2)}
+
+
+@pytest.mark.parametrize("op", list(_TPU_OPS))
+def test_tpu_forward_and_backward_lower_to_mosaic(op):
+  gate, n = _TPU_OPS[op]
+  B, T, H, HV, K, V = 1, 48, 1, 2, 64, 64
+  p = Problem(gate=gate, B=B, T=T, H=H, HV=HV, K=K, V=V, n=n, N=B, scale=K ** -0.5,
+              use_qk_l2norm=True, chunk_size=16, has_initial_state=True,
+              output_final_state=True, dtype="bfloat16")
+  sds = jax.ShapeDtypeStruct
+  bf = jnp.bfloat16
+  args = (sds((B, T, H, K), bf), sds((B, T, n, H, K), bf), sds((B, T, n, HV, V), bf),
+          sds((B, T, n, HV), bf),
+          None if gate is None else sds((B, T, HV) if gate == "head" else (B, T, HV, K), bf),
+          sds((B, HV, K, V), jnp.float32))
+  cfg = KernelConfig(backend="tpu")
+
+  def loss(*a):
+    o, s = pallas(p, *a, None, cfg)
+    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+  live = tuple(i for i, a in enumerate(args) if a is not None)
+  for fn, name in ((lambda *a: pallas(p, *a, None, cfg), "forward"),
+                   (jax.grad(loss, argnums=live), "forward+backward")):
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    calls = text.count("tpu_custom_call")
+    assert calls == (1 if name == "forward" else 2), f"{op} {name}: {calls} Mosaic calls"
+
+
+# --- the platform picks the kernels ---------------------------------------------------------
+
+@pytest.mark.parametrize("platform, call", [("cuda", "stablehlo.custom_call @mosaic_gpu"),
+                                            ("tpu", "tpu_custom_call")])
+def test_auto_backend_picks_the_platforms_kernels(platform, call):
+  B, T, H, K = 1, 64, 1, 64
+  s = jax.ShapeDtypeStruct
+  args = (s((B, T, H, K), jnp.bfloat16), s((B, T, H, K), jnp.bfloat16),
+          s((B, T, H, K), jnp.bfloat16), s((B, T, H), jnp.float32), s((B, T, H), jnp.bfloat16))
+  fn = lambda *a: deltajax.ops.gated_delta_rule(*a, impl="pallas")
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  assert call in text
+  assert "triton" not in text.lower()

@@ -84,6 +84,11 @@ def test_two_tokens_by_hand(impl):
   np.testing.assert_allclose(s.ravel(), [0.92, 0.56], rtol=1e-6)
 
 
+def _call(op, args, **kw):
+  kw = dict(dict(output_final_state=True, chunk_size=16), **kw)
+  return getattr(ops, op)(*args, **kw)
+
+
 def test_packed_under_jit_with_fixed_size_cu_seqlens():
   args, h0 = make_inputs("delta_rule", B=1, T=24, N=3)
   run = jax.jit(lambda cu: _call("delta_rule", args, initial_state=h0, cu_seqlens=cu,
@@ -238,6 +243,15 @@ def test_kernel_config_must_fit_the_platform():
           "KernelConfig.backend='tpu'", "platform is 'cpu'", "interpret=True")
   _raises(lambda: KernelConfig(backend="npu"), "KernelConfig.backend", "'npu'")
   _raises(lambda: KernelConfig(interpret=True), "interpret=True needs backend")
+
+
+def test_interpret_needs_the_backends_interpreter(monkeypatch):
+  from deltajax.kernels import KernelConfig, config
+  monkeypatch.setitem(config._INTERPRETERS, "tpu", lambda: None)  # a jax without it
+  (q, k, v, beta), _ = _good()
+  _raises(lambda: ops.delta_rule(q, k, v, beta, impl="pallas",
+                                 kernel_config=KernelConfig(backend="tpu", interpret=True)),
+          "KernelConfig.interpret=True", "backend='tpu'", "interpreter", "impl='chunk'")
 
 
 def test_unknown_impl():

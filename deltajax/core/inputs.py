@@ -14,6 +14,17 @@ def as_float32(x):
   return None if x is None else x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+# Log-gates below this are clamped to it: e^-8192 is 0 in float32 (and float64), so a gate of
+# -inf (a full reset) decays exactly as before, while sums of gates stay finite and the 0/1
+# matrix products that form them never meet 0 * -inf.
+GATE_FLOOR = -8192.0
+
+
+def load_g(g):
+  """The log-gates in float32 (float64 stays), clamped at GATE_FLOOR; None stays None."""
+  return None if g is None else jnp.maximum(as_float32(g), GATE_FLOOR)
+
+
 def l2norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   """x / sqrt(sum(x^2) + eps) over the last axis, in float32 (or float64 for float64 x)."""
   x = as_float32(x)

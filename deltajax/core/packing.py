@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from deltajax.core.documents import Documents
-from deltajax.core.inputs import as_float32, load_k
+from deltajax.core.inputs import as_float32, load_g, load_k
 from deltajax.core.problem import Problem
 
 _HI = lax.Precision.HIGHEST
@@ -45,7 +45,7 @@ def _gate_sums(p: Problem, g_rows, own):
   Returns (through [N, Ct, HV, 1|K]: the sum over its tokens up to and including each,
   after [N, Ct, HV, 1|K]: the sum over its tokens after each, total [N, HV, 1|K]).
   """
-  g = jnp.where(own.reshape(own.shape + (1,) * (g_rows.ndim - 2)), as_float32(g_rows), 0.0)
+  g = jnp.where(own.reshape(own.shape + (1,) * (g_rows.ndim - 2)), load_g(g_rows), 0.0)
   g = g[..., None] if p.gate == "head" else g
   Ct = g.shape[1]
   upto = jnp.tril(jnp.ones((Ct, Ct), g.dtype))

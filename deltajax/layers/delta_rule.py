@@ -23,7 +23,6 @@ out_init_scale scales the output projection's init (models pass 1 / sqrt(2 * num
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from deltajax import ops
+from deltajax.kernels import KernelConfig
 from deltajax.layers import gates
 from deltajax.layers import segments
 from deltajax.layers.common import Dtype, dense, head_sizes, output_init, partitioned
@@ -62,7 +62,7 @@ class DeltaMixerBase(nn.Module):
   norm_eps: float = 1e-5
   chunk_size: int = 64
   impl: str = "auto"
-  kernel_config: Any = None
+  kernel_config: KernelConfig | None = None
   out_init_scale: float = 1.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -118,8 +118,8 @@ class DeltaMixerBase(nn.Module):
                  use_bias=use_bias, **kw)
 
   def _op_kwargs(self, initial_state, cu_seqlens) -> dict:
-    # The final state is only read when decoding (a cache); packed rows never ask for it.
-    return dict(initial_state=initial_state, output_final_state=cu_seqlens is None,
+    # The final state is only read when decoding, which passes the cache's state in.
+    return dict(initial_state=initial_state, output_final_state=initial_state is not None,
                 cu_seqlens=cu_seqlens, use_qk_l2norm=True, chunk_size=self.chunk_size,
                 impl=self.impl, kernel_config=self.kernel_config)
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from deltajax.kernels import KernelConfig
 from deltajax.ops import checks
 
 from deltajax.layers.common import head_sizes
@@ -64,7 +65,7 @@ class LMConfig:
   norm_eps: float = 1e-5
   chunk_size: int = 64
   impl: str = "auto"
-  kernel_config: Any = None
+  kernel_config: KernelConfig = KernelConfig()
   embed_init_std: float = 0.02
   remat: bool = False
 

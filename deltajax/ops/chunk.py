@@ -13,10 +13,11 @@ and columns j over steps, and q scaled:
 Documents live inside the chunk grid: a token that starts a document splits its chunk into
 segments. `same_i_j` masks pairs of different segments; `first` keeps the rows of the segment
 that continues the state entering the chunk, `last` those of the segment that leaves it, and
-D = exp(decay of the chunk) is 0 when the chunk holds a boundary. A document that starts inside
-a chunk begins from zeros, or from its initial state through the rows of its own segment
-(`_inject`). A chunk starting a document loads its initial state before step 3. So the chunk
-count is ceil(T / Ct) whatever the number of documents.
+D = exp(decay of the chunk) is 0 when the chunk holds a boundary. A chunk whose first token
+starts a document enters with that document's initial state (zeros without one); a document
+starting inside a chunk starts from zeros here, and its initial state (like the final state of
+one ending inside a chunk) is a linear correction around this core (deltajax.core.packing). So
+the chunk count is ceil(T / Ct) whatever the number of documents.
 
 DeltaProduct's n steps per token are rows of their own (the gate on a token's first step); q
 is read at each token's last step, so O and the scores Q K^T have Ct rows, not C.
@@ -43,7 +44,7 @@ from jax import lax
 
 from deltajax.core import packing
 from deltajax.core.documents import Documents, chunk_documents
-from deltajax.core.inputs import as_float32, load_qk
+from deltajax.core.inputs import as_float32, load_g, load_qk
 from deltajax.core.problem import Problem
 from deltajax.ops.scores import gated_scores, segment_sums, sum_over, tril
 from deltajax.ops.triangular import solve_unit_lower
@@ -94,7 +95,7 @@ def prepare(q, k, v, beta, g, segment, *, p: Problem, precision=None) -> Prepare
   n, C = p.n, k.shape[-2]
   q, k = load_qk(p, q, k)
   v, beta = as_float32(v), as_float32(beta)
-  gs = _gate_steps(as_float32(g), n)
+  gs = _gate_steps(load_g(g), n)
   gc = None if gs is None else (gs[..., None] if p.gate == "head" else gs)   # [.., C, 1|K]
   same = None if segment is None else segment[..., :, None] == segment[..., None, :]
 

@@ -98,8 +98,11 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     "pallas": Implementation(
         "pallas", _run_pallas, platforms=("gpu", "tpu"),
         dtypes=("float32", "bfloat16", "float16"), max_head_dim=256,
-        why="not yet compiled and timed on a GPU or TPU (no device was lent); auto keeps "
-            "the chunk path until a device check shows the kernels correct and faster"),
+        why="TPU (kernels/tpu): compiled for v5e/v6e by libtpu without a device and checked "
+            "in the TPU interpreter (the shared test base), never run on a TPU; auto keeps "
+            "'chunk' on TPU until `python -m deltajax.kernels.tpu.bench` on a TPU shows them "
+            "correct and faster. GPU: not compiled or timed on a GPU (none was lent); auto "
+            "keeps 'chunk' until the device check does the same there"),
 }
 AUTO_ORDER = ("pallas", "chunk")
 

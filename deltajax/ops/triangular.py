@@ -11,9 +11,8 @@ blocks of size b and the block L below the first,
 so log2(C) rounds of batched b x b products give M^-1 exactly (no series truncation, so no
 overflow on nearly parallel keys, unlike the Neumann product (I - A)(I + A^2)(I + A^4)...).
 
-The Pallas kernels use the same recursion in `kernels/delta_chunk/maths.py`, written there on
-whole 2-D [C, C] values with 0/1 masks because Triton cannot slice values; that form costs
-log2(C) full C x C products, this batched one only the b x b blocks each round.
+The Pallas kernels use the same recursion on whole 2-D [C, C] tiles (kernels/*/maths.py), where
+full C x C products on the matrix unit beat slicing out the b x b blocks.
 """
 from __future__ import annotations
 
