@@ -1,12 +1,12 @@
 """`KernelConfig`: which Pallas kernels `impl="pallas"` runs, how, and their tuning.
 
 backend "auto" (the default) picks the kernels by the platform being lowered for, with
-`jax.lax.platform_dependent`: Mosaic TPU on "tpu", the GPU kernels on "cuda"; on any other
+`jax.lax.platform_dependent`: Mosaic TPU on "tpu", Mosaic GPU on "cuda"; on any other
 platform (CPU) the TPU kernels run in the TPU interpreter. So
 `jax.jit(f).trace(...).lower(lowering_platforms=("tpu",))` yields the TPU kernels on a machine
 without accelerators. backend "tpu" or "gpu" runs that backend's kernels: compiled on its own
 platform, or with `interpret=True` in that backend's own Pallas interpreter on CPU (the TPU
-interpreter; for the GPU kernels the interpreter of their lowering) — how CI tests them.
+interpreter, the Mosaic GPU interpreter) — how CI tests them.
 
 Written against jax 0.10.2 (this project's floor, pyproject.toml); names that moved are noted
 where they are used.
@@ -18,11 +18,6 @@ import dataclasses
 import jax
 
 BACKENDS = ("auto", "tpu", "gpu")
-
-
-def _power_of_two(name: str, x) -> None:
-  if not isinstance(x, int) or isinstance(x, bool) or x < 1 or x & (x - 1):
-    raise ValueError(f"{name} must be a power of two >= 1; got {x!r}.")
 
 
 # Per-TensorCore VMEM of each TPU generation (from jax's own table, `pltpu.get_tpu_info_for_chip`
