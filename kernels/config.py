@@ -1,12 +1,13 @@
 """`KernelConfig`: which Pallas kernels `impl="pallas"` runs, how, and their tuning.
 
 backend "auto" (the default) picks the kernels by the platform being lowered for, with
-`jax.lax.platform_dependent`: Mosaic TPU on "tpu", Mosaic GPU on "cuda"; on any other
-platform (CPU) the TPU kernels run in the TPU interpreter. So
-`jax.jit(f).trace(...).lower(lowering_platforms=("tpu",))` yields the TPU kernels on a machine
-without accelerators. backend "tpu" or "gpu" runs that backend's kernels: compiled on its own
-platform, or with `interpret=True` in that backend's own Pallas interpreter on CPU (the TPU
-interpreter, the Mosaic GPU interpreter) — how CI tests them.
+`jax.lax.platform_dependent`: Mosaic TPU on "tpu", Mosaic GPU on "cuda"; where the default
+backend is the CPU, the TPU kernels run in the TPU interpreter. backend "tpu" or "gpu" runs
+that backend's kernels: compiled on its own platform (so
+`jax.jit(f).trace(...).lower(lowering_platforms=("tpu",))` with backend "tpu" yields the TPU
+kernels on a machine without accelerators; "auto" cannot cross-lower from a CPU, see
+kernels/api.py), or with `interpret=True` in that backend's own Pallas interpreter on CPU (the
+TPU interpreter, the Mosaic GPU interpreter) — how CI tests them.
 
 Written against jax 0.10.2 (this project's floor, pyproject.toml); names that moved are noted
 where they are used.

@@ -123,19 +123,17 @@ def _compensated_chunk_cumsum(x, C: int, axis: int):
   running sum (the compensation's derivative is zero).
   """
   shape = x.shape
-  xc = jnp.moveaxis(x.reshape(shape[:axis] + (shape[axis] // C, C) + shape[axis + 1:]),
-                    axis + 1, 0)
+  xc = jax.lax.stop_gradient(x).reshape(shape[:axis] + (shape[axis] // C, C) + shape[axis + 1:])
 
-  def step(carry, xi):
-    s, e = carry
-    s, err = _two_sum(s, xi)
-    return (s, e + err), (s, e + err)
-  zero = jnp.zeros_like(xc[0])
-  _, (s, e) = jax.lax.scan(step, (zero, zero), jax.lax.stop_gradient(xc))
-  back = lambda y: jnp.moveaxis(y, 0, axis + 1).reshape(shape)
+  def add(a, b):   # double-float addition of (high, low) pairs
+    s, err = _two_sum(a[0], b[0])
+    return s, err + (a[1] + b[1])
+  # A parallel prefix (log2 C levels), not a 64-step loop: on a GPU each step of a
+  # sequential scan would be a kernel launch of its own.
+  s, e = jax.lax.associative_scan(add, (xc, jnp.zeros_like(xc)), axis=axis + 1)
   plain = _chunk_cumsum(x, C, axis)
-  G = plain + jax.lax.stop_gradient(back(s) - plain)          # value s, gradient of cumsum
-  return G, jax.lax.stop_gradient(back(e))
+  G = plain + jax.lax.stop_gradient(s.reshape(shape) - plain)   # value s, gradient of cumsum
+  return G, e.reshape(shape)
 
 
 def _chunk_rest(x, C: int, axis: int):
