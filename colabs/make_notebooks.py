@@ -308,10 +308,10 @@ KERNELS = [
           matrix multiplies (`P = (I + A)^-1`, `W = P (beta K)`, `U = P (beta V)`); only the
           `T / C` chunk-to-chunk state updates are sequential. A memory-lean `custom_vjp`
           recomputes instead of storing.
-        * `impl="pallas"`: the same algorithm as Pallas kernels (TPU via Mosaic, GPU via Pallas'
-          GPU backend), with the state kept on chip through the chunk pass. On a CPU runtime
-          they run in interpret mode: correct, but a Python-speed emulation, so they are
-          compared numerically here and only timed on a GPU or TPU.
+        * `impl="pallas"`: the same algorithm as Pallas kernels (Mosaic TPU on a TPU, Mosaic GPU
+          on a Hopper GPU such as an H100), with the state kept on chip through the chunk
+          pass. On a CPU runtime they run in interpret mode: correct, but a Python-speed
+          emulation, so they are compared numerically here and only timed on a GPU or TPU.
 
         First the three are compared on one input (outputs and gradients, relative RMS error
         against the recurrent reference; expect around 1e-7 in float32). Then

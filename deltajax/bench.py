@@ -268,10 +268,20 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--json", help="write the results here")
   p.add_argument("--plot", help="write a log-log plot of time vs T here (needs matplotlib)")
+  p.add_argument("--device-check", action="store_true",
+                 help="on a GPU: check the Mosaic GPU kernels against the float64 reference "
+                      "and time them against the XLA chunk path and fla (deltajax/"
+                      "device_check.py); writes --json (default device_check.json)")
+  p.add_argument("--device-check-budget", type=float, default=450.0,
+                 help="seconds the device check may take (it skips what does not fit)")
   p.add_argument("--compare", choices=("fla",), action="append", default=[],
                  help="also time fla's Triton kernels in the same run (needs torch with CUDA "
                       "and fla-core)")
   a = p.parse_args(argv)
+  if a.device_check:
+    from deltajax import device_check  # pylint: disable=g-import-not-at-top
+    device_check.main(a.json, a.device_check_budget)
+    return
   for name in a.ops:
     if name not in OPS:
       p.error(f"--ops: unknown op {name!r}; choose from {OPS}")

@@ -17,8 +17,10 @@ def _backend_run(backend: str):
   if backend == "tpu":
     from .tpu import run  # pylint: disable=g-import-not-at-top
     return run
-  from .generic import run  # pylint: disable=g-import-not-at-top
-  return functools.partial(run.run, backend=backend, sequential="loop")
+  if backend == "gpu":
+    from .gpu import run  # pylint: disable=g-import-not-at-top
+    return run
+  raise ValueError(f"no Pallas kernels for backend {backend!r}; have 'tpu' and 'gpu'.")
 
 
 def pallas(p: Problem, q, k, v, beta, g, h0, docs, config: KernelConfig | None = None):
@@ -32,6 +34,15 @@ def pallas(p: Problem, q, k, v, beta, g, h0, docs, config: KernelConfig | None =
 
   args = (q, k, v, beta, g, h0, docs)
   if config.backend == "auto":
-    return jax.lax.platform_dependent(*args, tpu=on("tpu", False), cuda=on("gpu", False),
-                                      default=on("tpu", True))
+    compiled = dict(tpu=on("tpu", False), cuda=on("gpu", False))
+    if jax.default_backend() != "cpu":
+      # No interpreter branch where an accelerator runs the program: the interpreters' host
+      # callbacks are ordered effects, and a cond keeps the effects of every branch, so they
+      # would tie the compiled kernels to a token too (jax 0.10.2 then fails to lower the
+      # pruned cond: "returns incorrect set of output tokens"; multi-device programs reject
+      # ordered effects).
+      return jax.lax.platform_dependent(*args, **compiled)
+    # On a CPU the TPU kernels run in the TPU interpreter. The same effects make lowering this
+    # for "tpu" or "cuda" from a CPU fail (see above): name the backend to cross-lower.
+    return jax.lax.platform_dependent(*args, **compiled, default=on("tpu", True))
   return on(config.backend, config.interpret)(*args)

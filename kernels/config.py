@@ -1,12 +1,13 @@
 """`KernelConfig`: which Pallas kernels `impl="pallas"` runs, how, and their tuning.
 
 backend "auto" (the default) picks the kernels by the platform being lowered for, with
-`jax.lax.platform_dependent`: Mosaic TPU on "tpu", the GPU kernels on "cuda"; on any other
-platform (CPU) the TPU kernels run in the TPU interpreter. So
-`jax.jit(f).trace(...).lower(lowering_platforms=("tpu",))` yields the TPU kernels on a machine
-without accelerators. backend "tpu" or "gpu" runs that backend's kernels: compiled on its own
-platform, or with `interpret=True` in that backend's own Pallas interpreter on CPU (the TPU
-interpreter; for the GPU kernels the interpreter of their lowering) — how CI tests them.
+`jax.lax.platform_dependent`: Mosaic TPU on "tpu", Mosaic GPU on "cuda"; where the default
+backend is the CPU, the TPU kernels run in the TPU interpreter. backend "tpu" or "gpu" runs
+that backend's kernels: compiled on its own platform (so
+`jax.jit(f).trace(...).lower(lowering_platforms=("tpu",))` with backend "tpu" yields the TPU
+kernels on a machine without accelerators; "auto" cannot cross-lower from a CPU, see
+kernels/api.py), or with `interpret=True` in that backend's own Pallas interpreter on CPU (the
+TPU interpreter, the Mosaic GPU interpreter) — how CI tests them.
 
 Written against jax 0.10.2 (this project's floor, pyproject.toml); names that moved are noted
 where they are used.
@@ -18,11 +19,6 @@ import dataclasses
 import jax
 
 BACKENDS = ("auto", "tpu", "gpu")
-
-
-def _power_of_two(name: str, x) -> None:
-  if not isinstance(x, int) or isinstance(x, bool) or x < 1 or x & (x - 1):
-    raise ValueError(f"{name} must be a power of two >= 1; got {x!r}.")
 
 
 # Per-TensorCore VMEM of each TPU generation (from jax's own table, `pltpu.get_tpu_info_for_chip`
@@ -103,17 +99,29 @@ class TpuOptions:
 
 @dataclasses.dataclass(frozen=True)
 class GpuOptions:
-  """Tuning of the GPU kernels.
+  """Tuning of the Mosaic GPU kernels (kernels/gpu; untuned: no GPU has run them yet).
 
-  sub_block: row block of the per-channel (KDA) gate scores.
-  num_warps, num_stages: launch parameters.
+  float32_pieces: bf16 pieces per operand for float32 inputs: 3 (six wgmma products per
+    matmul, float32-accurate: ~3e-7 relative end to end) or 2 (three products, ~16 bits:
+    ~1e-5), or None: 3 where it fits in shared memory (K, V <= 64), else 2. 16-bit inputs
+    always use one.
+  inverse_pieces: bf16 pieces in the unit-lower-triangular inverse, whatever the inputs
+    (at least 2: the inverse is where precision is lost).
+  block_v: V columns per block of the sequential state passes (a multiple of 64); smaller
+    blocks make more blocks (B * HV * V / block_v) to fill the SMs.
   """
-  sub_block: int = 16
-  num_warps: int = 4
-  num_stages: int = 1
+  float32_pieces: int | None = None
+  inverse_pieces: int = 2
+  block_v: int = 64
 
   def __post_init__(self):
-    _power_of_two("GpuOptions.sub_block", self.sub_block)
+    for name in ("float32_pieces", "inverse_pieces"):
+      x = getattr(self, name)
+      if x not in (2, 3) and not (name == "float32_pieces" and x is None):
+        raise ValueError(f"GpuOptions.{name} must be 2 or 3; got {x!r}.")
+    if not isinstance(self.block_v, int) or self.block_v < 64 or self.block_v % 64:
+      raise ValueError(f"GpuOptions.block_v must be a positive multiple of 64; "
+                       f"got {self.block_v!r}.")
 
 
 def tpu_interpreter():
@@ -129,8 +137,10 @@ def tpu_interpreter():
 
 
 def gpu_interpreter():
-  """The interpreter of the GPU kernels' lowering (Pallas' own interpreter for Triton)."""
-  return True
+  """The Mosaic GPU interpreter's params (TMA, barriers and wgmma simulated on CPU), or None
+  if this jax lacks it (it appeared in jax 0.10)."""
+  from .gpu.mosaic import interpret_params  # pylint: disable=g-import-not-at-top
+  return interpret_params()
 
 
 _INTERPRETERS = {"tpu": tpu_interpreter, "gpu": gpu_interpreter}

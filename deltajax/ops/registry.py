@@ -101,8 +101,10 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
         why="TPU (kernels/tpu): compiled for v5e/v6e by libtpu without a device and checked "
             "in the TPU interpreter (the shared test base), never run on a TPU; auto keeps "
             "'chunk' on TPU until `python -m deltajax.kernels.tpu.bench` on a TPU shows them "
-            "correct and faster. GPU: not compiled or timed on a GPU (none was lent); auto "
-            "keeps 'chunk' until the device check does the same there"),
+            "correct and faster. GPU (kernels/gpu, Mosaic GPU for Hopper): lowered for cuda and "
+            "checked in the Mosaic GPU interpreter, never compiled or timed on a GPU (none was "
+            "lent); auto keeps 'chunk' on GPU until `deltajax-bench --device-check` on an "
+            "H100/H200 shows them correct and faster than chunk and fla"),
 }
 AUTO_ORDER = ("pallas", "chunk")
 
