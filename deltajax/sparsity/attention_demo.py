@@ -1,0 +1,225 @@
+"""Sparse attention and the Spark FFN in a hybrid DeltaLM, against dense, on generated data.
+
+Trains the `<task>_hybrid` model (DeltaNet + softmax attention, GELU MLP; presets in
+deltajax/train/presets.py) and its sparse variants from scratch with `deltajax.train`'s
+Trainer, one run per variant and seed:
+  dense           `<task>_hybrid`
+  topk<k>         top-k attention, k keys per query (exact)
+  topk16_stat     statistical top-k attention, 16 keys per query on average
+  spark_attn      Spark attention: half the head dims select 16 keys (statistical top-k)
+  spark_ffn       Spark FFN: half the input dims select 8% of the neurons (soft statistical)
+then evaluates the dense model with temporal-delta attention (DeltaLLM, training-free) over a
+grid of thresholds and local windows, in one full forward (each row is what cached decoding
+computes for that token; the tests check cached == full), plus one real prefill + token-by-token
+decode for the first grid point that skips at least half the entries.
+
+Tasks: "text" (byte-level, `lm_demo.make_corpus` documents, loss in nats/byte) and "mqar".
+Same data and initialisation seed for every variant of one seed, so differences are paired.
+
+Run: `python -m deltajax.sparsity.attention_demo --task text --seeds 0 1 2` (prints a
+markdown table and writes the numbers as JSON with --out).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "dense": ("hybrid", {}),
+    "topk8": ("topk_attn", {"model.attn_sparsity": "topk:k=8"}),
+    "topk16": ("topk_attn", {}),
+    "topk32": ("topk_attn", {"model.attn_sparsity": "topk:k=32"}),
+    "topk16_stat": ("topk_attn", {"model.attn_sparsity": "topk:k=16,method=statistical"}),
+    "spark_attn": ("spark", {"model.mlp_sparsity": "none", "model.mlp_predictor_dim": "none"}),
+    "spark_ffn": ("spark", {"model.attn_sparsity": "none", "model.attn_predictor_dim": "none"}),
+}
+DELTA_THRESHOLDS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02)
+DELTA_WINDOWS = (8, 16)
+
+
+def build(task: str, variant: str, seed: int, steps: int | None, corpus: str | None):
+  """The Config of `variant` for `task` and `seed` (init and data seed)."""
+  from deltajax.train import presets  # pylint: disable=g-import-not-at-top
+  suffix, over = VARIANTS[variant]
+  over = {"run.seed": str(seed), "data.seed": str(seed), **over}
+  if steps is not None:
+    over["run.steps"] = str(steps)
+  if task == "text":
+    # One generated file is one document: one segment per row (see lm_demo).
+    over.update({"data.text_source": corpus, "model.max_segments": "1"})
+  return presets.build_config(f"{task}_{suffix}", over)
+
+
+def train(config):
+  """(Trainer, trained params, seconds)."""
+  from deltajax.train.loop import Trainer  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  trainer = Trainer(config)
+  state = trainer.fresh_state()
+  for step in range(config.run.steps):
+    state, _ = trainer.train_step(state, trainer.train_batch(step))
+  return trainer, state.params, time.time() - t0
+
+
+def evaluate(trainer, params, attn_sparsity=None) -> dict[str, float]:
+  """Held-out loss and accuracy (the data's weighted positions) and the mean of every sown
+  metric over `run.eval_batches` batches, with the attention sparsity replaced if given."""
+  from deltajax.models import DeltaLM  # pylint: disable=g-import-not-at-top
+  from deltajax.train.loop import forward_stats  # pylint: disable=g-import-not-at-top
+  cfg = trainer.config
+  model_cfg = cfg.model if attn_sparsity is None else dataclasses.replace(
+      cfg.model, attn_sparsity=attn_sparsity)
+  model = DeltaLM(model_cfg)
+  step = jax.jit(lambda p, b: forward_stats(model, p, b)[1])
+  d, tot = cfg.data, {}
+  n = cfg.run.eval_batches
+  for i in range(n):
+    for k, v in jax.device_get(step(params, trainer.source.batch("eval", i, d.batch_size,
+                                                                 d.seq_len))).items():
+      tot[k] = tot.get(k, 0.0) + float(v)
+  out = {"loss": tot["loss_sum"] / tot["weight"], "accuracy": tot["correct"] / tot["weight"]}
+  for k, v in tot.items():
+    if k.startswith("metrics/"):
+      out[k[len("metrics/"):]] = v / n
+  return out
+
+
+def mean_of(metrics: dict[str, float], suffix: str) -> float | None:
+  """Mean of the metrics whose name ends with `suffix` (over layers), None if there are none."""
+  vals = [v for k, v in metrics.items() if k.endswith(suffix)]
+  return float(np.mean(vals)) if vals else None
+
+
+def prefill_decode(trainer, params, attn_sparsity, prefill: int) -> dict[str, float]:
+  """Delta attention on the first held-out batch as a server would run it: prefill `prefill`
+  tokens with the cache, then decode the rest one token at a time (teacher-forced). Returns
+  the entries skipped in the prefill, over prefill + decode, and the loss."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from deltajax.models import DeltaLM  # pylint: disable=g-import-not-at-top
+  cfg = trainer.config
+  model = DeltaLM(dataclasses.replace(cfg.model, attn_sparsity=attn_sparsity))
+  batch = trainer.source.batch("eval", 0, cfg.data.batch_size, cfg.data.seq_len)
+  tokens = jnp.asarray(batch["inputs"])
+  B, T = tokens.shape
+
+  def macs(state):  # summed over the attention layers
+    flat = jax.tree_util.tree_leaves_with_path(state["metrics"])
+    pick = lambda name: sum(jnp.sum(jnp.stack(v)) if isinstance(v, tuple) else v
+                            for p, v in flat if name in jax.tree_util.keystr(p))
+    return jnp.stack([pick("macs_skipped"), pick("macs_dense")])
+
+  @jax.jit
+  def run(params, tokens):
+    (logits, cache), st = model.apply(params, tokens[:, :prefill],
+                                      cache=model.init_cache(B, T), mutable=["metrics"])
+
+    def step(cache, tok):
+      (lg, cache), s = model.apply(params, tok[:, None], cache=cache, mutable=["metrics"])
+      return cache, (lg[:, 0], macs(s))
+
+    _, (rest, per_token) = jax.lax.scan(step, cache, tokens[:, prefill:].T)
+    return jnp.concatenate([logits, jnp.moveaxis(rest, 0, 1)], 1), macs(st), per_token.sum(0)
+
+  logits, pre, dec = run({"params": params}, tokens)
+  w = batch["weights"]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  skipped = lambda m: float(2 * m[0] / m[1])  # entries skipped / attended (module doc)
+  return {"prefill_sparsity": skipped(pre), "all_sparsity": skipped(pre + dec),
+          "loss": float(jnp.sum(ce * w) / jnp.sum(w))}
+
+
+def _stats(xs) -> str:
+  xs = np.asarray([x for x in xs if x is not None], np.float64)
+  if not len(xs):
+    return "-"
+  return f"{xs.mean():.4f}" + (f" ± {xs.std(ddof=1):.4f}" if len(xs) > 1 else "")
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--task", choices=("text", "mqar"), default="text")
+  p.add_argument("--seeds", type=int, nargs="+", default=[0])
+  p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+  p.add_argument("--steps", type=int, default=None, help="override the presets' 600 steps")
+  p.add_argument("--docs", type=int, default=800, help="generated documents (text)")
+  p.add_argument("--out", default="", help="write all numbers as JSON here")
+  args = p.parse_args(argv)
+  from deltajax.sparsity import lm_demo  # pylint: disable=g-import-not-at-top
+  from deltajax.sparsity.delta_attention import DeltaAttentionConfig  # pylint: disable=g-import-not-at-top
+
+  results: dict = {"args": vars(args), "runs": {}, "delta": {}, "decode": {}}
+  with tempfile.TemporaryDirectory() as tmp:
+    corpus = None
+    if args.task == "text":
+      corpus = os.path.join(tmp, "corpus.txt")
+      with open(corpus, "w") as f:
+        f.write("".join(lm_demo.make_corpus(args.docs, seed=0)))
+    for seed in args.seeds:
+      for variant in args.variants:
+        trainer, params, secs = train(build(args.task, variant, seed, args.steps, corpus))
+        ev = evaluate(trainer, params)
+        ev["seconds"] = secs
+        results["runs"][f"{variant}/{seed}"] = ev
+        print(f"seed {seed} {variant:<12} loss {ev['loss']:.4f} acc {ev['accuracy']:.4f} "
+              f"kept_keys {mean_of(ev, 'kept_keys')} attn density {mean_of(ev, 'mixer/density')} "
+              f"ffn density {mean_of(ev, 'mlp/sparsity/density')} [{secs:.0f}s]", flush=True)
+        if variant != "dense":
+          continue
+        decoded = False
+        for window in DELTA_WINDOWS:
+          for thr in DELTA_THRESHOLDS:
+            cfg = DeltaAttentionConfig(threshold=thr, window=window)
+            ev = evaluate(trainer, params, cfg)
+            results["delta"][f"{thr}/{window}/{seed}"] = ev
+            print(f"seed {seed} delta thr {thr:<6} window {window:<3} loss {ev['loss']:.4f} "
+                  f"acc {ev['accuracy']:.4f} sparsity {mean_of(ev, 'sparsity'):.4f}", flush=True)
+            if not decoded and thr > 0 and mean_of(ev, "sparsity") >= 0.5:
+              dec = prefill_decode(trainer, params, cfg, trainer.config.data.seq_len // 2)
+              results["decode"][f"{thr}/{window}/{seed}"] = dec
+              print(f"seed {seed} delta thr {thr} window {window} prefill+decode: {dec}",
+                    flush=True)
+              decoded = True
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(results, f, indent=1)
+
+  # Summary: mean ± std over seeds; relative loss paired by seed.
+  runs, seeds = results["runs"], args.seeds
+  dense = {s: runs[f"dense/{s}"]["loss"] for s in seeds if f"dense/{s}" in runs}
+  rel = lambda loss, s: 100 * (loss / dense[s] - 1) if s in dense else None
+  print(f"\n{args.task}, seeds {seeds}")
+  print("| model | loss | accuracy | rel. loss vs dense (%) | kept keys / query | attn density "
+        "| FFN density |")
+  print("|---|---|---|---|---|---|---|")
+  for v in args.variants:
+    rs = [(s, runs[f"{v}/{s}"]) for s in seeds if f"{v}/{s}" in runs]
+    print(f"| {v} | {_stats([r['loss'] for _, r in rs])} | "
+          f"{_stats([r['accuracy'] for _, r in rs])} | "
+          f"{_stats([rel(r['loss'], s) for s, r in rs])} | "
+          f"{_stats([mean_of(r, 'kept_keys') for _, r in rs])} | "
+          f"{_stats([mean_of(r, 'mixer/density') for _, r in rs])} | "
+          f"{_stats([mean_of(r, 'mlp/sparsity/density') for _, r in rs])} |")
+  if results["delta"]:
+    print("\n| delta threshold | window | loss | accuracy | rel. loss vs dense (%) "
+          "| entries skipped |")
+    print("|---|---|---|---|---|---|")
+    for window in DELTA_WINDOWS:
+      for thr in DELTA_THRESHOLDS:
+        rs = [(s, results["delta"][f"{thr}/{window}/{s}"]) for s in seeds
+              if f"{thr}/{window}/{s}" in results["delta"]]
+        print(f"| {thr} | {window} | {_stats([r['loss'] for _, r in rs])} | "
+              f"{_stats([r['accuracy'] for _, r in rs])} | "
+              f"{_stats([rel(r['loss'], s) for s, r in rs])} | "
+              f"{_stats([mean_of(r, 'sparsity') for _, r in rs])} |")
+
+
+if __name__ == "__main__":
+  main()
