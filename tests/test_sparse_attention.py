@@ -67,7 +67,8 @@ def _kept(sel, cfg: TopKConfig):
     return np.arange(n)
   if cfg.method == "statistical":
     z = statistics.NormalDist().inv_cdf(1 - k / n)
-    return np.flatnonzero(sel > sel.mean() + sel.std() * z)
+    kept = np.flatnonzero(sel > sel.mean() + sel.std() * z)
+    return kept if len(kept) else np.flatnonzero(sel == sel.max())
   return np.argsort(-sel, kind="stable")[:k]
 
 
@@ -146,6 +147,15 @@ def test_soft_statistical_equals_hard_and_k_at_length_is_dense():
                                 hard)
   assert_close(run(sparsity=TopKConfig(k=T)), run(), 1e-6, "k = T")
   assert float(jnp.max(jnp.abs(hard - run()))) > 1e-2  # k = 5 does change the output
+
+
+def test_statistical_topk_keeps_a_key_in_a_constant_row():
+  """Equal scores (repeated tokens) put nothing above the mean: the best key is kept anyway."""
+  s = jnp.zeros((1, 1, 6, 6))
+  valid = jnp.tril(jnp.ones((6, 6), bool))[None]
+  keep = attention.topk_keys(s, valid, TopKConfig(k=2, method="statistical"))
+  assert np.all(np.asarray(keep).sum(-1) >= 1)
+  assert np.all(np.isfinite(np.asarray(attention.masked_softmax(s, keep))))
 
 
 def test_statistical_threshold_where_equals_the_compacted_row():

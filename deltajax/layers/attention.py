@@ -82,14 +82,20 @@ def weighted_values(w, v) -> jax.Array:
 
 
 def topk_keys(s, valid, config: TopKConfig, select=None) -> jax.Array:
-  """bool [B, H, T, S]: the at most k keys each query keeps among its valid ones.
+  """bool [B, H, T, S]: the keys each query keeps among its valid ones.
 
   s [B, H, T, S] scores; valid [B, T, S] bool; select: the scores that choose the keys
-  (Spark's predictor), default s. Rows with fewer than k valid keys keep them all.
+  (Spark's predictor), default s. Exact and approx keep min(k, valid) keys; statistical keeps
+  those above its threshold, and always the best one, so that no softmax row is empty (a
+  constant row has no entry above its mean).
   """
   select = s if select is None else select
-  return topk_mask(select, config.k, method=config.method, recall_target=config.recall_target,
+  keep = topk_mask(select, config.k, method=config.method, recall_target=config.recall_target,
                    where=valid[:, None])
+  if config.method != "statistical":
+    return keep
+  best = jnp.max(jnp.where(valid[:, None], select, -jnp.inf), axis=-1, keepdims=True)
+  return keep | (valid[:, None] & (select >= best))
 
 
 def resolve_sparsity(spec):
