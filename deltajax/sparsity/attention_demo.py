@@ -16,8 +16,8 @@ decode for the first grid point that skips at least half the entries.
 Tasks: "text" (byte-level, `lm_demo.make_corpus` documents, loss in nats/byte) and "mqar".
 Same data and initialisation seed for every variant of one seed, so differences are paired.
 
-Run: `python -m deltajax.sparsity.attention_demo --task text --seeds 0 1 2` (prints a
-markdown table and writes the numbers as JSON with --out).
+Run: `python -m deltajax.sparsity.attention_demo --task text --seeds 0 1 2 --out r.json`
+(prints markdown tables; `--summarize a.json b.json` reprints them for merged runs).
 """
 from __future__ import annotations
 
@@ -101,7 +101,8 @@ def mean_of(metrics: dict[str, float], suffix: str) -> float | None:
 def prefill_decode(trainer, params, attn_sparsity, prefill: int) -> dict[str, float]:
   """Delta attention on the first held-out batch as a server would run it: prefill `prefill`
   tokens with the cache, then decode the rest one token at a time (teacher-forced). Returns
-  the entries skipped in the prefill, over prefill + decode, and the loss."""
+  the fraction of attention entries skipped in the prefill and over prefill + decode, and the
+  loss; "full_*" are the same from one forward without a cache (they must agree)."""
   import optax  # pylint: disable=g-import-not-at-top
   from deltajax.models import DeltaLM  # pylint: disable=g-import-not-at-top
   cfg = trainer.config
@@ -110,14 +111,14 @@ def prefill_decode(trainer, params, attn_sparsity, prefill: int) -> dict[str, fl
   tokens = jnp.asarray(batch["inputs"])
   B, T = tokens.shape
 
-  def macs(state):  # summed over the attention layers
+  def macs(state):  # [skipped, dense] multiply-adds, summed over the attention layers
     flat = jax.tree_util.tree_leaves_with_path(state["metrics"])
-    pick = lambda name: sum(jnp.sum(jnp.stack(v)) if isinstance(v, tuple) else v
-                            for p, v in flat if name in jax.tree_util.keystr(p))
+    pick = lambda name: sum(v for p, v in flat if name in jax.tree_util.keystr(p))
     return jnp.stack([pick("macs_skipped"), pick("macs_dense")])
 
   @jax.jit
   def run(params, tokens):
+    full, st_full = model.apply(params, tokens, mutable=["metrics"])
     (logits, cache), st = model.apply(params, tokens[:, :prefill],
                                       cache=model.init_cache(B, T), mutable=["metrics"])
 
@@ -126,14 +127,16 @@ def prefill_decode(trainer, params, attn_sparsity, prefill: int) -> dict[str, fl
       return cache, (lg[:, 0], macs(s))
 
     _, (rest, per_token) = jax.lax.scan(step, cache, tokens[:, prefill:].T)
-    return jnp.concatenate([logits, jnp.moveaxis(rest, 0, 1)], 1), macs(st), per_token.sum(0)
+    decoded = jnp.concatenate([logits, jnp.moveaxis(rest, 0, 1)], 1)
+    return decoded, full, macs(st), per_token.sum(0), macs(st_full)
 
-  logits, pre, dec = run({"params": params}, tokens)
+  decoded, full, pre, dec, full_macs = run({"params": params}, tokens)
   w = batch["weights"]
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  loss = lambda lg: float(jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
+      lg, batch["targets"]) * w) / jnp.sum(w))
   skipped = lambda m: float(2 * m[0] / m[1])  # entries skipped / attended (module doc)
-  return {"prefill_sparsity": skipped(pre), "all_sparsity": skipped(pre + dec),
-          "loss": float(jnp.sum(ce * w) / jnp.sum(w))}
+  return {"prefill_sparsity": skipped(pre), "sparsity": skipped(pre + dec),
+          "loss": loss(decoded), "full_sparsity": skipped(full_macs), "full_loss": loss(full)}
 
 
 def _stats(xs) -> str:
@@ -143,19 +146,12 @@ def _stats(xs) -> str:
   return f"{xs.mean():.4f}" + (f" ± {xs.std(ddof=1):.4f}" if len(xs) > 1 else "")
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--task", choices=("text", "mqar"), default="text")
-  p.add_argument("--seeds", type=int, nargs="+", default=[0])
-  p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-  p.add_argument("--steps", type=int, default=None, help="override the presets' 600 steps")
-  p.add_argument("--docs", type=int, default=800, help="generated documents (text)")
-  p.add_argument("--out", default="", help="write all numbers as JSON here")
-  args = p.parse_args(argv)
+def run(args) -> dict:
+  """Trains and evaluates every (seed, variant) of `args`; the numbers as a dict."""
   from deltajax.sparsity import lm_demo  # pylint: disable=g-import-not-at-top
   from deltajax.sparsity.delta_attention import DeltaAttentionConfig  # pylint: disable=g-import-not-at-top
-
-  results: dict = {"args": vars(args), "runs": {}, "delta": {}, "decode": {}}
+  results: dict = {"task": args.task, "args": vars(args), "runs": {}, "delta": {},
+                   "decode": {}}
   with tempfile.TemporaryDirectory() as tmp:
     corpus = None
     if args.task == "text":
@@ -187,38 +183,81 @@ def main(argv=None):
               print(f"seed {seed} delta thr {thr} window {window} prefill+decode: {dec}",
                     flush=True)
               decoded = True
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(results, f, indent=1)
+  return results
 
-  # Summary: mean ± std over seeds; relative loss paired by seed.
-  runs, seeds = results["runs"], args.seeds
+
+def summarize(results: dict) -> str:
+  """Markdown tables: mean ± std over seeds; relative loss paired by seed with dense."""
+  runs = results["runs"]
+  seeds = sorted({int(k.split("/")[1]) for k in runs})
+  variants = [v for v in VARIANTS if any(k.startswith(v + "/") for k in runs)]
   dense = {s: runs[f"dense/{s}"]["loss"] for s in seeds if f"dense/{s}" in runs}
   rel = lambda loss, s: 100 * (loss / dense[s] - 1) if s in dense else None
-  print(f"\n{args.task}, seeds {seeds}")
-  print("| model | loss | accuracy | rel. loss vs dense (%) | kept keys / query | attn density "
-        "| FFN density |")
-  print("|---|---|---|---|---|---|---|")
-  for v in args.variants:
+  lines = [f"{results['task']}, seeds {seeds}", "",
+           "| model | seeds | loss | accuracy | rel. loss vs dense (%) | kept keys / query "
+           "| attn density | FFN density |", "|---|---|---|---|---|---|---|---|"]
+  for v in variants:
     rs = [(s, runs[f"{v}/{s}"]) for s in seeds if f"{v}/{s}" in runs]
-    print(f"| {v} | {_stats([r['loss'] for _, r in rs])} | "
-          f"{_stats([r['accuracy'] for _, r in rs])} | "
-          f"{_stats([rel(r['loss'], s) for s, r in rs])} | "
-          f"{_stats([mean_of(r, 'kept_keys') for _, r in rs])} | "
-          f"{_stats([mean_of(r, 'mixer/density') for _, r in rs])} | "
-          f"{_stats([mean_of(r, 'mlp/sparsity/density') for _, r in rs])} |")
+    lines.append(
+        f"| {v} | {','.join(str(s) for s, _ in rs)} | {_stats([r['loss'] for _, r in rs])} | "
+        f"{_stats([r['accuracy'] for _, r in rs])} | "
+        f"{_stats([rel(r['loss'], s) for s, r in rs])} | "
+        f"{_stats([mean_of(r, 'kept_keys') for _, r in rs])} | "
+        f"{_stats([mean_of(r, 'mixer/density') for _, r in rs])} | "
+        f"{_stats([mean_of(r, 'mlp/sparsity/density') for _, r in rs])} |")
   if results["delta"]:
-    print("\n| delta threshold | window | loss | accuracy | rel. loss vs dense (%) "
-          "| entries skipped |")
-    print("|---|---|---|---|---|---|")
+    lines += ["", "| delta threshold | window | seeds | loss | accuracy | rel. loss vs dense (%) "
+              "| entries skipped |", "|---|---|---|---|---|---|---|"]
     for window in DELTA_WINDOWS:
       for thr in DELTA_THRESHOLDS:
         rs = [(s, results["delta"][f"{thr}/{window}/{s}"]) for s in seeds
               if f"{thr}/{window}/{s}" in results["delta"]]
-        print(f"| {thr} | {window} | {_stats([r['loss'] for _, r in rs])} | "
-              f"{_stats([r['accuracy'] for _, r in rs])} | "
-              f"{_stats([rel(r['loss'], s) for s, r in rs])} | "
-              f"{_stats([mean_of(r, 'sparsity') for _, r in rs])} |")
+        lines.append(
+            f"| {thr} | {window} | {','.join(str(s) for s, _ in rs)} | "
+            f"{_stats([r['loss'] for _, r in rs])} | {_stats([r['accuracy'] for _, r in rs])} | "
+            f"{_stats([rel(r['loss'], s) for s, r in rs])} | "
+            f"{_stats([mean_of(r, 'sparsity') for _, r in rs])} |")
+  for key, d in sorted(results["decode"].items()):
+    lines.append(f"\nprefill + decode (threshold/window/seed {key}): " +
+                 ", ".join(f"{k} {v:.4f}" for k, v in d.items()))
+  return "\n".join(lines)
+
+
+def merge(paths) -> dict:
+  """The union of the JSON results of several runs (of one task)."""
+  out = None
+  for path in paths:
+    with open(path) as f:
+      r = json.load(f)
+    if out is None:
+      out = {k: r[k] for k in ("task", "runs", "delta", "decode")}
+    elif r["task"] != out["task"]:
+      raise ValueError(f"--summarize: {path} is task {r['task']!r}, not {out['task']!r}")
+    else:
+      for k in ("runs", "delta", "decode"):
+        out[k].update(r[k])
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--task", choices=("text", "mqar"), default="text")
+  p.add_argument("--seeds", type=int, nargs="+", default=[0])
+  p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+  p.add_argument("--steps", type=int, default=None, help="override the presets' 600 steps")
+  p.add_argument("--docs", type=int, default=800, help="generated documents (text)")
+  p.add_argument("--out", default="", help="write all numbers as JSON here")
+  p.add_argument("--summarize", nargs="+", metavar="JSON",
+                 help="print the tables of earlier --out files (merged) instead of running")
+  args = p.parse_args(argv)
+  if args.summarize:
+    print(summarize(merge(args.summarize)))
+    return
+  results = run(args)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(results, f, indent=1)
+  print("\n" + summarize(results))
 
 
 if __name__ == "__main__":
