@@ -177,12 +177,8 @@ def test_topk_attention_gradient(gradient):
 
   def out(q, k, v):
     s = attention.scores(q, k, DH ** -0.5)
-    keep = attention.topk_keys(s, valid, cfg)
-    w = attention.masked_softmax(s, keep)
-    if gradient == "straight_through":
-      dense_w = attention.masked_softmax(s, valid[:, None])
-      w = dense_w + jax.lax.stop_gradient(w - dense_w)
-    return jnp.sum(attention.weighted_values(w, v) ** 2), keep
+    w, _ = attention.topk_attention(s, valid, cfg)
+    return jnp.sum(attention.weighted_values(w, v) ** 2), attention.topk_keys(s, valid, cfg)
 
   (_, keep), (dk, dv) = jax.value_and_grad(out, argnums=(1, 2), has_aux=True)(q, k, v)
   never = ~np.asarray(keep).any(axis=(0, 1, 2))  # keys no query keeps

@@ -98,6 +98,21 @@ def topk_keys(s, valid, config: TopKConfig, select=None) -> jax.Array:
   return keep | (valid[:, None] & (select >= best))
 
 
+def topk_attention(s, valid, config: TopKConfig, select=None):
+  """(weights [B, H, T, S], metrics): softmax over each query's top-k keys (`topk_keys`).
+
+  Metrics: kept_keys (mean kept keys per query), kept_keys_max, density (kept / valid).
+  """
+  keep = topk_keys(s, valid, config, select)
+  w = masked_softmax(s, keep)
+  if config.gradient == "straight_through":
+    dense_w = masked_softmax(s, valid[:, None])
+    w = dense_w + lax.stop_gradient(w - dense_w)
+  kept = jnp.sum(keep, axis=-1, dtype=jnp.float32)  # [B, H, T]
+  return w, {"kept_keys": jnp.mean(kept), "kept_keys_max": jnp.max(kept),
+             "density": jnp.sum(kept) / (s.shape[1] * jnp.sum(valid, dtype=jnp.float32))}
+
+
 def resolve_sparsity(spec):
   """None, a TopKConfig, a DeltaAttentionConfig, or a `parse_spec` string of one of them."""
   spec = parse_spec(spec) if isinstance(spec, str) else spec
@@ -173,6 +188,9 @@ class Attention(nn.Module):
     B, T, D = x.shape
     if segment_ids is not None and cache is not None:
       raise ValueError("segment_ids and cache cannot be combined.")
+    num_keys = T if cache is None else cache["k"].shape[1]
+    if isinstance(sp, TopKConfig) and sp.k > num_keys:
+      raise ValueError(f"k must be <= the number of keys ({num_keys}); got k={sp.k}.")
     x = x.astype(self.dtype)
     proj = lambda name: dense(H * Dh, ("embed", "heads"), name=name, dtype=self.dtype,
                               param_dtype=self.param_dtype)(x).reshape(B, T, H, Dh)
@@ -203,18 +221,9 @@ class Attention(nn.Module):
     s = scores(q, k, Dh ** -0.5)
     metrics = {}
     if isinstance(sp, TopKConfig):
-      if sp.k > s.shape[-1]:
-        raise ValueError(f"k must be <= the number of keys ({s.shape[-1]}); got k={sp.k}.")
       r = self.predictor_dim
       select = None if r is None else scores(q[..., :r], k[..., :r], Dh ** -0.5)
-      keep = topk_keys(s, mask, sp, select)
-      w = masked_softmax(s, keep)
-      if sp.gradient == "straight_through":
-        dense_w = masked_softmax(s, mask[:, None])
-        w = dense_w + lax.stop_gradient(w - dense_w)
-      kept = jnp.sum(keep, axis=-1, dtype=jnp.float32)  # [B, H, T]
-      metrics = {"kept_keys": jnp.mean(kept), "kept_keys_max": jnp.max(kept),
-                 "density": jnp.sum(kept) / (H * jnp.sum(mask, dtype=jnp.float32))}
+      w, metrics = topk_attention(s, mask, sp, select)
     elif isinstance(sp, DeltaAttentionConfig):
       exact = delta_attention.local_window(q_idx, k_idx, sp.window)
       memory = (jnp.zeros((B, H, s.shape[-1]), jnp.float32) if cache is None
