@@ -41,7 +41,7 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "spark_attn": ("spark", {"model.mlp_sparsity": "none", "model.mlp_predictor_dim": "none"}),
     "spark_ffn": ("spark", {"model.attn_sparsity": "none", "model.attn_predictor_dim": "none"}),
 }
-DELTA_THRESHOLDS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02)
+DELTA_THRESHOLDS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 DELTA_WINDOWS = (8, 16)
 
 
