@@ -24,13 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from deltajax import ops
+from deltajax.core import flops as flops_lib
+from deltajax.core.problem import Problem
+from deltajax.ops import registry
 
 OPS = ("delta_rule", "gated_delta_rule", "kda", "delta_product")
-IMPLS = ("recurrent", "chunk", "pallas")
-
-# Dense bfloat16 matrix peak (TFLOP/s) by device kind, for the fraction-of-peak column.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5e": 197.0,
-               "TPU v5p": 459.0, "TPU v6e": 918.0}
+IMPLS = tuple(registry.IMPLEMENTATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,15 +79,10 @@ def make_args(op: str, s: Shape, dtype) -> tuple[jax.Array, ...]:
 
 
 def model_flops(op: str, s: Shape) -> float:
-  """Forward FLOPs of the chunkwise algorithm (2 per multiply-add).
-
-  Per chunk of C tokens and head: K K^T and Q K^T (C^2 K each), the triangular solve
-  (C^2 (K + V)), W S and Q S and K^T V_new (C K V each), and Attn V_new (C^2 V).
-  """
-  C = s.chunk_size
-  T = s.T * (s.n if op == "delta_product" else 1)
-  per_token = 2 * C * s.K + C * (s.K + s.V) + C * s.V + 3 * s.K * s.V
-  return 2.0 * s.B * s.H * T * per_token
+  """Forward FLOPs of the chunkwise algorithm (deltajax.core.flops), the same count for every
+  implementation so the TFLOP/s column compares speed."""
+  n = s.n if op == "delta_product" else 1
+  return flops_lib.op_flops(B=s.B, T=s.T, HV=s.H, K=s.K, V=s.V, n=n, chunk_size=s.chunk_size)
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -112,11 +106,8 @@ def _peak_mib(compiled) -> float:
 
 
 def device_peak_tflops() -> float | None:
-  kind = jax.devices()[0].device_kind
-  for name, peak in PEAK_TFLOPS.items():
-    if name.lower() in kind.lower():
-      return peak
-  return None
+  peak = flops_lib.peak_flops(jax.devices()[0])
+  return None if peak is None else peak / 1e12
 
 
 def bench_one(op: str, impl: str, s: Shape, dtype, repeats: int) -> Result:
@@ -222,7 +213,9 @@ def summarize(results: Sequence[Result]) -> str:
   for (op, impl, T), r in sorted(by.items()):
     rec, fla = by.get((op, "recurrent", T)), by.get((op, "fla", T))
     if impl == "chunk" and rec is not None:
-      auto = ops.resolve_impl("auto", T)
+      n = 2 if op == "delta_product" else 1
+      auto = ops.resolve_impl("auto", Problem(gate="head", B=1, T=T, H=1, HV=1, K=64, V=64,
+                                              n=n, N=1))
       faster = "chunk" if r.fwd_bwd_ms < rec.fwd_bwd_ms else "recurrent"
       lines.append(f"{op:<17} T={T:<6} chunk fwd+bwd {rec.fwd_bwd_ms / r.fwd_bwd_ms:6.2f}x the "
                    f"speed of recurrent, peak memory {r.peak_mib / rec.peak_mib:6.3f}x; auto -> "

@@ -1,9 +1,9 @@
-"""Pallas kernels for the chunkwise delta rule (TPU via Mosaic, GPU via the Triton lowering).
+"""Pallas kernels for the chunkwise delta rule, a folder per backend; `impl="pallas"`.
 
-`pallas_chunk(q, k, v, beta, g, h0, layout)` is what `impl="pallas"` runs for every op; see
-docs/kernels.md for the maths and which parts are Pallas.
+`pallas(problem, q, k, v, beta, g, h0, docs, config)` runs every op (deltajax.core.problem
+describes the inputs); `KernelConfig` picks the backend and its tuning. See docs/kernels.md.
 """
-from .config import KernelConfig, config_for, default_config
-from .delta_chunk.api import pallas_chunk
+from .api import pallas
+from .config import GpuOptions, KernelConfig, TpuOptions
 
-__all__ = ["KernelConfig", "config_for", "default_config", "pallas_chunk"]
+__all__ = ["GpuOptions", "KernelConfig", "TpuOptions", "pallas"]

@@ -1,69 +1,78 @@
-"""One check that every implementation runs against the recurrent reference.
+"""The tests' oracle: the recurrences written from the maths in DESIGN.md, token by token.
 
-`check_against_reference` compares outputs, final states and the gradients of every input
-(`jax.vjp` with random cotangents) at the DESIGN.md tolerance for the input dtype. The reference
-runs in float64 on the same (upcast) inputs, so the tolerance measures the path under test, not
-the reference's own rounding. The ops tests run it for impl="chunk" and the kernel tests for
-impl="pallas".
+It shares nothing with the paths it checks: no deltajax import, its own L2 norm, value heads
+reading their query/key head through an index array, documents cut out with Python slices and
+run one at a time. Run it on float64 arrays (under `jax.enable_x64`) and the tolerance then
+measures the path under test, not the oracle's rounding; gradients come from `jax.vjp` of it.
+
+    S <- exp(g_t) S                         (per head, or per key channel with Diag)
+    S <- S + k_tj (beta_tj (v_tj - S^T k_tj))^T   for each Householder step j
+    o_t = S^T (scale q_t)
 """
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from conftest import TOL, assert_close, make_inputs
-
-
-ARG_NAMES = {
-    "delta_rule": ("q", "k", "v", "beta"),
-    "gated_delta_rule": ("q", "k", "v", "g", "beta"),
-    "kda": ("q", "k", "v", "g", "beta"),
-    "delta_product": ("q", "k", "v", "beta", "g"),
-}
+_HI = lax.Precision.HIGHEST
 
 
-def _vjp_all(fn, args, h0, seed=1):
-  """Outputs and the gradients of (args..., h0) of a random linear read-out of (o, final)."""
-  (o, s), vjp = jax.vjp(fn, args, h0)
-  ko, ks = jax.random.split(jax.random.PRNGKey(seed))
-  # Drawn in float32 whatever the dtypes, so the float64 reference sees the same cotangents.
-  cto = jax.random.normal(ko, o.shape, jnp.float32).astype(o.dtype)
-  cts = jax.random.normal(ks, s.shape, jnp.float32).astype(s.dtype)
-  d_args, d_h0 = vjp((cto, cts))
-  return o, s, (*d_args, d_h0)
+def _normalize(x):
+  return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)
 
 
-def run_op(op: str, impl: str, args, h0, **kw):
-  from deltajax import ops
-  fn = getattr(ops, op)
-  call = lambda a, h: fn(*a, initial_state=h, output_final_state=True, impl=impl, **kw)
-  return _vjp_all(jax.jit(call), args, h0)
+def _one_sequence(q, k, v, beta, g, S, gate):
+  """q [T, HV, K]; k [T, n, HV, K]; v [T, n, HV, V]; beta [T, n, HV]; g None, [T, HV] or
+  [T, HV, K]; S [HV, K, V]. Returns o [T, HV, V] and the last S."""
+  def token(S, x):
+    qt, kt, vt, bt, gt = x
+    if gate == "head":
+      S = jnp.exp(gt)[:, None, None] * S
+    elif gate == "channel":
+      S = jnp.exp(gt)[:, :, None] * S
+    for j in range(kt.shape[0]):
+      err = vt[j] - jnp.einsum("hkv,hk->hv", S, kt[j], precision=_HI)
+      S = S + jnp.einsum("hk,hv->hkv", kt[j], bt[j][:, None] * err, precision=_HI)
+    return S, jnp.einsum("hkv,hk->hv", S, qt, precision=_HI)
+
+  T = q.shape[0]
+  gs = jnp.zeros((T,)) if g is None else g
+  S, o = lax.scan(token, S, (q, k, v, beta, gs))
+  return o, S
 
 
-@functools.lru_cache(maxsize=None)
-def _reference(op, key, kw_items):
-  shape = dict(key)
-  args, h0 = make_inputs(op, **shape)
-  with jax.enable_x64(True):
-    up = tuple(jnp.asarray(a, jnp.float64) for a in args)
-    out = run_op(op, "recurrent", up, jnp.asarray(h0, jnp.float64), **dict(kw_items))
-    return jax.tree.map(np.asarray, out)
+def oracle(q, k, v, beta, g, h0, *, gate, scale=None, use_qk_l2norm=False, cu_seqlens=None):
+  """Outputs [B, T, HV, V] and final states [N, HV, K, V] of any op.
 
-
-def check_against_reference(op: str, impl: str, dtype=jnp.float32, kw=None, **shape):
-  """Asserts impl == recurrent (run in float64 on the same inputs) for o, final and grads."""
-  kw = kw or {}
-  args, h0 = make_inputs(op, dtype=dtype, **shape)
-  o, s, grads = run_op(op, impl, args, h0, **kw)
-  ref_shape = dict(shape, dtype=dtype)
-  o_r, s_r, grads_r = _reference(op, tuple(sorted(ref_shape.items(), key=str)),
-                                 tuple(sorted(kw.items())))
-  tol = TOL[dtype]
-  assert o.dtype == dtype and s.dtype == jnp.float32
-  assert_close(o, o_r, tol, f"{op}/{impl} output")
-  assert_close(s, s_r, tol, f"{op}/{impl} final state")
-  for name, a, b in zip((*ARG_NAMES[op], "initial_state"), grads, grads_r):
-    assert_close(a, b, tol, f"{op}/{impl} d{name}")
+  Args as the public ops, with the step axis always present: k [B, T, n, H, K],
+  v [B, T, n, HV, V], beta [B, T, n, HV]. gate: None, "head" or "channel". h0: [N, HV, K, V]
+  (zeros if None). cu_seqlens: None, [N + 1] (B = 1) or [B, S + 1], concrete.
+  """
+  B, T, H, K = q.shape
+  HV, V = v.shape[-2:]
+  head = np.arange(HV) // (HV // H)                    # value head -> its query/key head
+  if use_qk_l2norm:
+    q, k = _normalize(q), _normalize(k)
+  q = q * (K ** -0.5 if scale is None else scale)
+  q, k = q[:, :, head], k[:, :, :, head]
+  if cu_seqlens is None:
+    bounds = [(b, 0, T) for b in range(B)]
+  else:
+    cu = np.asarray(cu_seqlens).reshape(B, -1)
+    bounds = [(b, int(s), int(e)) for b in range(B) for s, e in zip(cu[b, :-1], cu[b, 1:])]
+  if h0 is None:
+    h0 = jnp.zeros((len(bounds), HV, K, V), q.dtype)
+  outs = [[] for _ in range(B)]
+  finals = []
+  for i, (b, s, e) in enumerate(bounds):
+    if e == s:
+      finals.append(h0[i])
+      continue
+    cut = lambda x: None if x is None else x[b, s:e]
+    o, S = _one_sequence(cut(q), cut(k), cut(v), cut(beta), cut(g), h0[i], gate)
+    outs[b].append(o)
+    finals.append(S)
+  o = jnp.stack([jnp.concatenate(rows, axis=0) for rows in outs])
+  return o, jnp.stack(finals)

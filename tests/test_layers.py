@@ -89,9 +89,7 @@ _SEG = np.array([[1] * 9 + [2] * 11 + [0] * 4, [3] * 5 + [3 + 1] * 16 + [0] * 3]
 @pytest.mark.parametrize("name", list(MIXERS))
 def test_packed_equals_separate_and_padding_is_inert(name):
   T = _SEG.shape[1]
-  # max_segments = T compiles only the exact path (no lax.cond: half the compile time); the
-  # bounded fast path is the same code with a shorter cu_seqlens (test_max_segments_...).
-  m = MIXERS[name]() if name.startswith("attn") else MIXERS[name](max_segments=T)
+  m = MIXERS[name]()
   params = _init(m, T)
   x = _x(T, seed=2)
   apply = jax.jit(lambda p, x, s: m.apply(p, x, segment_ids=s)[0])
@@ -104,32 +102,20 @@ def test_packed_equals_separate_and_padding_is_inert(name):
   ref = jax.jit(m.apply)(params, alone)[0]
   for i, (b, s, e) in enumerate(_DOCS):
     assert_close(packed[b, s:e], ref[i, :e - s], 1e-5, f"{name} document {i}")
-  # Different padding contents (and a different padding id run) leave real tokens alone.
+  # Different padding contents (and a different padding id run) leave real tokens alone. Not
+  # bit for bit: padding shares chunks with real tokens, so it can move the per-channel gate
+  # factoring's reference point (kda), which changes the rounding, not the maths.
   pad = jnp.asarray(_SEG == 0)[..., None]
   x2 = jnp.where(pad, 100.0 * _x(T, seed=3), x)
   packed2 = apply(params, x2, jnp.asarray(_SEG))
-  np.testing.assert_array_equal(np.asarray(packed2)[_SEG != 0], np.asarray(packed)[_SEG != 0])
-
-
-def test_max_segments_only_tunes_speed():
-  """A bound that fits (3) runs the fast path, one that does not (2) falls back to the exact
-  path, and both equal the unbounded result (max_segments = T)."""
-  T = _SEG.shape[1]
-  make = MIXERS["gated_deltanet_gva"]
-  params = _init(make(), T)
-  x = _x(T, seed=2)
-  seg = jnp.asarray(_SEG)
-  run = lambda S: jax.jit(lambda p, x, s: make(max_segments=S).apply(
-      p, x, segment_ids=s)[0])(params, x, seg)
-  ref = run(T)
-  assert_close(run(3), ref, 1e-5, "max_segments=3")
-  assert_close(run(2), ref, 1e-5, "max_segments=2 (fallback)")
+  real = _SEG != 0
+  assert_close(np.asarray(packed2)[real], np.asarray(packed)[real], 1e-6, "real tokens")
 
 
 def test_cu_seqlens_rows_and_positions():
   seg = jnp.asarray([[1, 1, 2, 2, 2, 0], [5, 5, 5, 5, 5, 5]], jnp.int32)
-  np.testing.assert_array_equal(segments.cu_seqlens_rows(seg, 4),
-                                [[0, 2, 5, 6, 6], [0, 6, 6, 6, 6]])
+  np.testing.assert_array_equal(segments.cu_seqlens_rows(seg),
+                                [[0, 2, 5, 6, 6, 6, 6], [0, 6, 6, 6, 6, 6, 6]])
   np.testing.assert_array_equal(segments.positions(seg), [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]])
 
 

@@ -107,7 +107,7 @@ def test_generate_bad_arguments(kw, match):
 
 def test_packed_model_matches_separate_rows():
   """segment_ids through the whole model (every layer type): documents do not interact."""
-  _, model, params = _model(num_layers=2, pattern=("kda", "attn"), max_segments=3)
+  _, model, params = _model(num_layers=2, pattern=("kda", "attn"))
   tokens = _tokens(1, 20, seed=4)
   seg = jnp.asarray([[1] * 8 + [2] * 10 + [0] * 2], jnp.int32)
   packed = jax.jit(lambda p, t, s: model.apply(p, t, segment_ids=s))(params, tokens, seg)

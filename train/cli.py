@@ -6,75 +6,50 @@ Re-running the same command in the same workdir resumes from the last checkpoint
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 import textwrap
 from typing import Sequence
 
-from deltajax.train.config import SECTIONS, DataConfig, OptimConfig, RunConfig, field_hints
-
-USAGE = "usage: deltajax-train [PRESET] [--section.field=value ...] [--help]"
-
-
-def _fields_help(section: str, obj) -> list[str]:
-  hints = field_hints(type(obj))
-  lines = []
-  for f in dataclasses.fields(obj):
-    hint = hints.get(f.name, f.type)
-    name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-    lines.append(f"  --{section}.{f.name}={getattr(obj, f.name)!r}  ({name})")
-  return lines
+from deltajax.train import config as config_lib
+from deltajax.train import presets
 
 
-def help_text() -> str:
-  from deltajax.train.presets import DEFAULT_PRESET, PRESETS  # pylint: disable=g-import-not-at-top
-  out = [USAGE, "", __doc__.strip(), "", "presets:"]
-  for name, p in PRESETS.items():
-    mark = " (default)" if name == DEFAULT_PRESET else ""
-    out.append(f"  {name}{mark}: {p.doc}")
-  out += ["", "options (defaults shown are the default preset's):"]
-  try:
-    from deltajax.train.presets import build_config  # pylint: disable=g-import-not-at-top
-    cfg = build_config(DEFAULT_PRESET)
-    for section in SECTIONS:
-      out += _fields_help(section, getattr(cfg, section))
-  except ImportError:  # the model package is missing: show what does not need it
-    for section, obj in (("data", DataConfig()), ("optim", OptimConfig()), ("run", RunConfig())):
-      out += _fields_help(section, obj)
-  out += ["", "examples:",
-          "  deltajax-train",
-          "  deltajax-train mqar --model.mixer=kda --run.steps=2000",
-          "  deltajax-train parity --model.allow_neg_eigval=false",
-          "  deltajax-train text --data.text_source=README.md --run.steps=200"]
-  return "\n".join(out)
+def description(preset: str) -> str:
+  """The --help text above the options: what the command does, the presets, examples."""
+  lines = [__doc__.strip(), "", "presets (the first argument):"]
+  for name, p in presets.PRESETS.items():
+    mark = " (default)" if name == presets.DEFAULT_PRESET else ""
+    lines.append(f"  {name}{mark}: {p.doc}")
+  lines += ["", f"Defaults shown below are the {preset!r} preset's "
+            f"(`deltajax-train PRESET --help` shows another's). Examples:",
+            "  deltajax-train mqar --model.mixer=kda --run.steps=2000",
+            "  deltajax-train parity --model.allow_neg_eigval=false",
+            "  deltajax-train text --data.text_source=README.md --run.steps=200"]
+  return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str]):
-  """argv -> (preset name, overrides dict). Raises ValueError on a bad argument."""
-  from deltajax.train.config import parse_overrides  # pylint: disable=g-import-not-at-top
-  from deltajax.train.presets import DEFAULT_PRESET  # pylint: disable=g-import-not-at-top
+def parse_args(argv: Sequence[str]) -> config_lib.Config:
+  """argv -> Config. A bad preset, option or value prints an error naming it to stderr and
+  raises SystemExit(2); --help prints every option and raises SystemExit(0)."""
   argv = list(argv)
-  preset = DEFAULT_PRESET
+  prog, name = "deltajax-train", presets.DEFAULT_PRESET
   if argv and not argv[0].startswith("-"):
-    preset = argv.pop(0)
-  if argv and argv[0].startswith("--preset"):
-    key, eq, val = argv.pop(0).partition("=")
-    preset = val if eq else (argv.pop(0) if argv else "")
-  return preset, parse_overrides(argv)
+    name = argv.pop(0)
+    prog += f" {name}"
+  if name not in presets.PRESETS:
+    print(f"deltajax-train: error: preset: got {name!r}, need one of "
+          f"{', '.join(presets.PRESETS)} (see --help)", file=sys.stderr)
+    raise SystemExit(2)
+  return config_lib.parse(presets.default_config(name), argv, prog=prog,
+                          description=description(name))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  if any(a in ("-h", "--help", "help") for a in argv):
-    print(help_text())
-    return 0
   try:
-    from deltajax.train.presets import build_config  # pylint: disable=g-import-not-at-top
-    preset, overrides = parse_args(argv)
-    config = build_config(preset, overrides)
-  except ValueError as e:
-    print(f"deltajax-train: error: {e}\n{USAGE}", file=sys.stderr)
-    return 2
+    config = parse_args(argv)
+  except SystemExit as e:
+    return int(e.code or 0)
 
   from deltajax.train import loop  # pylint: disable=g-import-not-at-top
   from deltajax.train import sharding  # pylint: disable=g-import-not-at-top
@@ -86,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"deltajax-train: preset {config.preset} | {m.mixer} x {m.num_layers} layers, "
           f"d_model {m.d_model} | task {config.data.task}, seq_len {config.data.seq_len}, "
           f"batch {config.data.batch_size} | {config.run.steps} steps on "
-          f"{len(jax.devices())} {jax.devices()[0].platform} device(s) | workdir {workdir}")
+          f"{len(jax.devices())} {jax.devices()[0].platform} device(s) in "
+          f"{jax.process_count()} process(es) | workdir {workdir}", flush=True)
   try:
     result = loop.train_and_evaluate(config, workdir)
   except loop.NonFiniteLossError as e:

@@ -1,48 +1,53 @@
 """Run configuration: frozen dataclasses for data, optimiser and run, plus the model's LMConfig.
 
-A `Config` is built from a preset (presets.py) and `--section.field=value` overrides. Overrides
-are parsed with the field's type annotation, so `--run.steps=2000` is an int and
-`--model.pattern=kda,kda,attn` a tuple; an unknown section or field is a ValueError naming it.
+A `Config` is a preset (presets.py) with `--section.field=value` overrides applied by tyro
+(`parse`): every field is an option, typed by its annotation and documented by the docstring
+under it, so `--help` lists them all with their types and defaults.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import re
 import typing
-from typing import Any, Sequence
+from typing import Annotated, Any, Optional, Sequence
+
+import tyro
+from tyro.constructors import (MISSING_NONPROP, ConstructorRegistry, PrimitiveConstructorSpec,
+                               PrimitiveTypeInfo, StructConstructorSpec, StructFieldSpec,
+                               StructTypeInfo)
+
+from deltajax.models import LMConfig
 
 TASKS = ("mqar", "parity", "modadd", "s3", "s5", "selective_copy", "text")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """What to train on.
-
-  task: one of TASKS. Generated tasks need no download; "text" reads `text_source`.
-  seq_len: training sequence length (tokens per row).
-  eval_seq_lens: lengths evaluated on held-out data; () means (seq_len,). State-tracking
-    presets test longer than they train.
-  batch_size: rows per optimiser step (global, over all devices and micro-batches).
-  vocab_size: task vocabulary (MQAR keys + values; selective-copy data tokens). Ignored where
-    the task fixes it (parity 2, modadd `modulus`, s3 6, s5 120, text 256 bytes) — see tasks.py.
-  num_kv_pairs: MQAR key-value pairs per sequence.
-  modulus: modular addition modulus.
-  num_tokens_to_copy: selective copying tokens to copy.
-  text_source: "tfds:<name>[:<split>]" (needs the `data` extra) or a file, directory or glob of
-    local text files.
-  text_max_bytes: read at most this many bytes of text (the packed rows are held in memory).
-  seed: data seed; batch i of a split is a pure function of (seed, split, i).
-  """
+  """What to train on."""
   task: str = "mqar"
+  """One of mqar, parity, modadd, s3, s5, selective_copy (generated, no download) or text."""
   seq_len: int = 64
+  """Training sequence length (tokens per row)."""
   eval_seq_lens: tuple[int, ...] = ()
+  """Held-out lengths, e.g. 64,128,256; empty means seq_len. State tracking tests longer."""
   batch_size: int = 32
+  """Rows per optimiser step, global: over all processes, devices and micro-batches."""
   vocab_size: int = 64
+  """Vocabulary of mqar (keys + values) and selective_copy; fixed by the other tasks."""
   num_kv_pairs: int = 4
+  """MQAR key-value pairs per row."""
   modulus: int = 5
+  """Modular addition modulus."""
   num_tokens_to_copy: int = 8
+  """Selective copying: tokens to copy."""
   text_source: str = ""
+  """Text for task=text: a file, a directory, a glob (quote it) or tfds:NAME[:SPLIT]."""
   text_max_bytes: int = 50_000_000
+  """Read at most this many bytes of text (the packed rows are held in memory)."""
   seed: int = 0
+  """Data seed: record i of a split is a pure function of (seed, split, length, i)."""
 
   def __post_init__(self):
     if self.task not in TASKS:
@@ -53,6 +58,8 @@ class DataConfig:
         raise ValueError(f"data.{name}: got {getattr(self, name)}, need >= 1")
     if any(n < 1 for n in self.eval_seq_lens):
       raise ValueError(f"data.eval_seq_lens: got {self.eval_seq_lens}, need lengths >= 1")
+    if not 0 <= self.seed < 2**32:
+      raise ValueError(f"data.seed: got {self.seed}, need 0 <= seed < 2**32")
 
   @property
   def eval_lengths(self) -> tuple[int, ...]:
@@ -63,14 +70,20 @@ class DataConfig:
 class OptimConfig:
   """AdamW with linear warmup, cosine decay to `final_lr_fraction * lr`, global-norm clipping."""
   lr: float = 3e-3
+  """Peak learning rate."""
   warmup_steps: int = 100
+  """Linear warmup from 0 to lr."""
   final_lr_fraction: float = 0.1
+  """The cosine decay ends at this fraction of lr."""
   weight_decay: float = 0.1
+  """AdamW weight decay, on matrices only."""
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
   clip_norm: float = 1.0
+  """Global gradient-norm clipping."""
   grad_accum_steps: int = 1
+  """Micro-batches per step (a lax.scan inside the jitted step)."""
 
   def __post_init__(self):
     if self.lr <= 0:
@@ -85,33 +98,33 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  """How long, how often, and where.
-
-  steps: total optimiser steps (a resumed run continues to this count).
-  eval_every / log_every / checkpoint_every: in steps; 0 turns periodic eval / checkpoints off
-    (a final eval and checkpoint still happen).
-  keep_checkpoints: how many checkpoints orbax keeps.
-  eval_batches: held-out batches per eval length.
-  mesh_data / mesh_fsdp: device mesh shape; -1 means "all remaining devices". Their product
-    must equal the number of devices used.
-  stop_at: stop after this step without a final checkpoint, as if the process were killed
-    (for tests and demos of resume); 0 = never.
-  workdir: where checkpoints, metrics.jsonl, tb/ and curves.png go; "" = runs/<preset>.
-  seed: parameter-initialisation seed.
-  """
+  """How long, how often, and where."""
   steps: int = 600
+  """Total optimiser steps (a resumed run continues to this count)."""
   eval_every: int = 200
+  """Steps between held-out evaluations; 0 = only at the end."""
   log_every: int = 20
+  """Steps between metrics records (JSONL, TensorBoard, a console line)."""
   checkpoint_every: int = 200
+  """Steps between checkpoints; 0 = only at the end."""
   keep_checkpoints: int = 2
+  """Checkpoints orbax keeps."""
   eval_batches: int = 4
+  """Held-out batches per eval length."""
   mesh_data: int = -1
+  """Data-parallel mesh axis; -1 = all devices left. mesh_data x mesh_fsdp = devices."""
   mesh_fsdp: int = 1
+  """Parameter-sharding (FSDP) mesh axis; -1 = all devices left."""
   stop_at: int = 0
+  """Stop after this step without a final checkpoint, as if killed (demos of resume); 0 = never."""
   workdir: str = ""
+  """Checkpoints, metrics.jsonl, tb/ and curves.png go here; empty = runs/<preset>."""
   seed: int = 0
+  """Parameter-initialisation seed."""
   tensorboard: bool = True
+  """Write TensorBoard event files under workdir/tb."""
   plot: bool = True
+  """Plot the learning curves to workdir/curves.png at the end."""
 
   def __post_init__(self):
     for name in ("steps", "log_every", "eval_batches", "keep_checkpoints"):
@@ -127,115 +140,113 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Everything a run needs. `model` is a deltajax.models.LMConfig."""
-  model: Any
+  """Everything a run needs."""
+  model: LMConfig
   data: DataConfig = DataConfig()
   optim: OptimConfig = OptimConfig()
   run: RunConfig = RunConfig()
-  preset: str = "custom"
+  preset: Annotated[str, tyro.conf.Suppress] = "custom"
 
 
-SECTIONS = ("model", "data", "optim", "run")
+# --- the command line (tyro) -------------------------------------------------------------------
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+_REGISTRY = ConstructorRegistry()
 
 
-def _is_optional(hint) -> tuple[bool, Any]:
-  args = typing.get_args(hint)
-  if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) \
-      and type(None) in args:
-    rest = [a for a in args if a is not type(None)]
-    return True, rest[0] if len(rest) == 1 else Any
-  return False, hint
-
-
-def parse_value(text: str, hint, where: str):
-  """Converts the command-line text `text` to the type `hint` (from a dataclass annotation)."""
-  optional, hint = _is_optional(hint)
-  if optional and text.lower() in ("none", "null", ""):
+@_REGISTRY.primitive_rule
+def _bool_rule(info: PrimitiveTypeInfo):
+  """--run.plot=false as well as False: the spelling users type and JSON writes."""
+  if info.type is not bool:
     return None
-  origin = typing.get_origin(hint)
-  try:
-    if hint is bool:
-      low = text.lower()
-      if low in ("1", "true", "yes", "on"):
-        return True
-      if low in ("0", "false", "no", "off"):
-        return False
-      raise ValueError
-    if hint is int:
-      return int(text)
-    if hint is float:
-      return float(text)
-    if hint is str:
-      return text
-    if origin is tuple:
-      args = typing.get_args(hint)
-      item = args[0] if args else str
-      parts = [p.strip() for p in text.strip("()[] ").split(",") if p.strip()]
-      return tuple(parse_value(p, item, where) for p in parts)
-  except ValueError:
-    raise ValueError(f"--{where}: got {text!r}, need a value of type "
-                     f"{getattr(hint, '__name__', hint)}") from None
-  # Anything else (Any, nested configs given as literals): Python literal, else the string.
-  import ast  # pylint: disable=g-import-not-at-top
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
+  def parse(args: list[str]) -> bool:
+    if args[0].lower() not in _TRUE + _FALSE:
+      raise ValueError(f"got {args[0]!r}, need true or false")
+    return args[0].lower() in _TRUE
+  return PrimitiveConstructorSpec(
+      nargs=1, metavar="{true,false}", instance_from_str=parse,
+      is_instance=lambda x: isinstance(x, bool), str_from_instance=lambda x: [str(x).lower()])
 
 
-def field_hints(cls) -> dict[str, Any]:
-  """Resolved type annotations of a dataclass's fields (string annotations evaluated)."""
-  try:
-    return typing.get_type_hints(cls)
-  except Exception:  # pylint: disable=broad-except
-    return {f.name: f.type for f in dataclasses.fields(cls)}
+@_REGISTRY.primitive_rule
+def _tuple_rule(info: PrimitiveTypeInfo):
+  """tuple[X, ...] from "a,b,c" (one argument) or "a b c"; "" is the empty tuple."""
+  args = typing.get_args(info.type)
+  if info.type_origin is not tuple or len(args) != 2 or args[1] is not Ellipsis:
+    return None
+  item = ConstructorRegistry.get_primitive_spec(PrimitiveTypeInfo.make(args[0], info.markers))
+  if not isinstance(item, PrimitiveConstructorSpec) or item.nargs != 1:
+    return None
+  def parse(argv: list[str]) -> tuple:
+    return tuple(item.instance_from_str([p.strip()])
+                 for a in argv for p in a.split(",") if p.strip())
+  return PrimitiveConstructorSpec(
+      nargs="*", metavar=f"{item.metavar},...", instance_from_str=parse,
+      is_instance=lambda x: isinstance(x, tuple),
+      str_from_instance=lambda x: [",".join(str(item.str_from_instance(v)[0]) for v in x)])
 
 
-def apply_overrides(cfg: Config, overrides: dict[str, str]) -> Config:
-  """Returns `cfg` with "section.field" -> text overrides applied (and re-validated).
+@_REGISTRY.struct_rule
+def _untyped_fields_rule(info: StructTypeInfo):
+  """Dataclass fields typed Any (LMConfig.mlp_sparsity: a spec string or a config object) are
+  a string or none on the command line; tyro would otherwise fix their type from the default,
+  so a field that defaults to None could never be set."""
+  if not dataclasses.is_dataclass(info.type):
+    return None
+  hints = typing.get_type_hints(info.type)
+  if all(h is not Any for h in hints.values()):
+    return None
+  fields = []
+  for f in dataclasses.fields(info.type):
+    if hasattr(info.default, f.name):
+      default = getattr(info.default, f.name)
+    else:
+      default = f.default if f.default is not dataclasses.MISSING else MISSING_NONPROP
+    fields.append(StructFieldSpec(f.name, Optional[str] if hints[f.name] is Any
+                                  else hints[f.name], default))
+  return StructConstructorSpec(instantiate=info.type, fields=tuple(fields))
 
-  A model.vocab_size the user did not set follows the data task's vocabulary (see
-  `resolve_vocab`).
+
+def _gave(args: Sequence[str], option: str) -> bool:
+  """Whether `args` set --option (tyro accepts "-" and "_" alike)."""
+  norm = lambda a: a.split("=", 1)[0].lstrip("-").replace("-", "_")
+  return any(a.startswith("--") and norm(a) == option for a in args)
+
+
+def parse(default: Config, args: Sequence[str], *, prog: str = "deltajax-train",
+          description: str | None = None) -> Config:
+  """`default` with the command-line options `args` applied (and validated).
+
+  Errors (an unknown option, a bad value, a failed check) are printed by tyro and raise
+  SystemExit(2); `--help` prints every option with its type and default and exits 0.
+  A model.vocab_size that neither `default` (a preset) nor `args` set follows the data task's
+  vocabulary, so --data.task=s5 gets a model with 120 tokens.
   """
-  per_section: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
-  for key, text in overrides.items():
-    section, _, name = key.partition(".")
-    if section not in SECTIONS or not name:
-      raise ValueError(f"unknown option --{key}: options are --<section>.<field>=<value> with "
-                       f"section one of {', '.join(SECTIONS)}")
-    obj = getattr(cfg, section)
-    hints = field_hints(type(obj))
-    if name not in hints:
-      known = ", ".join(f.name for f in dataclasses.fields(obj))
-      raise ValueError(f"unknown option --{key}: {section} has no field {name!r}; "
-                       f"its fields are {known}")
-    per_section[section][name] = parse_value(text, hints[name], key)
-  changes = {s: dataclasses.replace(getattr(cfg, s), **kv) for s, kv in per_section.items() if kv}
-  return dataclasses.replace(cfg, **changes)
+  from deltajax.train.data.tasks import task_vocab_size  # pylint: disable=g-import-not-at-top
+  follows = default.model.vocab_size == task_vocab_size(default.data)
+  cfg = tyro.cli(Config, default=default, args=list(args), prog=prog, description=description,
+                 use_underscores=True, registry=_REGISTRY,
+                 config=(tyro.conf.FlagConversionOff,))
+  if follows and not _gave(args, "model.vocab_size"):
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, vocab_size=task_vocab_size(cfg.data)))
+  return cfg
 
 
-def parse_overrides(argv: Sequence[str]) -> dict[str, str]:
-  """["--a.b=1", "--c.d", "2"] -> {"a.b": "1", "c.d": "2"}; anything else is a ValueError."""
-  out: dict[str, str] = {}
-  i = 0
-  while i < len(argv):
-    arg = argv[i]
-    if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-      raise ValueError(f"unrecognised argument {arg!r}: options look like --run.steps=100 "
-                       "(see --help)")
-    key, eq, value = arg[2:].partition("=")
-    if not eq:
-      if i + 1 >= len(argv):
-        raise ValueError(f"option --{key} needs a value: --{key}=<value>")
-      i += 1
-      value = argv[i]
-    out[key] = value
-    i += 1
-  return out
+def parse_or_raise(default: Config, args: Sequence[str]) -> Config:
+  """`parse` for library callers: a bad option is a ValueError carrying tyro's message."""
+  err = io.StringIO()
+  try:
+    with contextlib.redirect_stderr(err):
+      return parse(default, args)
+  except SystemExit:
+    text = re.sub(r"[╭╮╰╯│─]+", " ", err.getvalue())  # tyro draws a box around the message
+    text = re.sub(r"For full helptext, (run|see) .*--help", "", text)
+    raise ValueError(re.sub(r"\s+", " ", text).strip()) from None
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-  """JSON-friendly view of a config (for the run's config.json and the console)."""
+  """JSON-friendly view of a config (for the run's config.json)."""
   def conv(x):
     if dataclasses.is_dataclass(x):
       return {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}

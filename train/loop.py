@@ -2,11 +2,13 @@
 
 A pure `train_step(state, batch) -> (state, metrics)` is jitted with the state donated and
 sharded; gradient accumulation is a `lax.scan` over micro-batches inside the step, so one step
-is one optimiser update whatever the accumulation. The host loop only fetches batches (a pure
-function of (seed, step)), logs, evaluates and checkpoints.
+is one optimiser update whatever the accumulation. The host loop takes this process's rows of
+each batch from a grain iterator (which prefetches in background threads), logs, evaluates
+and checkpoints the state together with the iterator's position.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -17,16 +19,18 @@ from typing import Any, Callable
 
 import flax
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from deltajax.core import flops as flops_lib
 from deltajax.train import checkpoint as ckpt_lib
 from deltajax.train import metrics as metrics_lib
 from deltajax.train import sharding as shard_lib
 from deltajax.train.config import Config, to_dict
-from deltajax.train.data import DataState, make_source
+from deltajax.train.data import Source, read_options
 
 
 class NonFiniteLossError(RuntimeError):
@@ -182,11 +186,11 @@ _cached_steps = functools.lru_cache(maxsize=4)(build_steps)
 
 
 class Trainer:
-  """The data source and compiled steps for a Config, on `mesh` (default: from run.mesh_*)."""
+  """The data pipeline and compiled steps for a Config, on `mesh` (default: run.mesh_*)."""
 
   def __init__(self, config: Config, mesh=None):
     self.config = config
-    self.source = make_source(config.data)
+    self.source = Source(config.data)
     if config.model.vocab_size < self.source.vocab_size:
       raise ValueError(f"model.vocab_size: got {config.model.vocab_size}, need >= "
                        f"{self.source.vocab_size} for data.task={config.data.task!r}")
@@ -207,25 +211,37 @@ class Trainer:
     self.train_step, self.eval_step, self._init = steps.train_step, steps.eval_step, steps.init
     self.micro_sharding = shard_lib.batch_sharding(self.mesh, micro=True)
     self.eval_sharding = shard_lib.batch_sharding(self.mesh)
+    self._shard = (jax.process_index(), jax.process_count())
+    # This process's rows of every training batch, by random access (grain MapDataset).
+    self.train_batches = self.source.batches("train", config.data.seq_len, b, *self._shard)
 
   def fresh_state(self) -> TrainState:
     """Parameters and optimiser state created directly in their shards."""
     return self._init(jax.random.PRNGKey(self.config.run.seed))
 
+  def train_iterator(self) -> grain.DatasetIterator:
+    """An iterator over this process's training batches from the first; its state (the next
+    batch index) is what checkpoints save."""
+    return iter(self.train_batches.to_iter_dataset(read_options()))
+
+  def put_train_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's rows [B / processes, T] -> global micro-batches [A, B / A, T], sharded."""
+    accum = self.config.optim.grad_accum_steps
+    local = {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in local.items()}
+    return shard_lib.put_batch(local, self.micro_sharding, rows_axis=1)
+
   def train_batch(self, step: int) -> dict[str, jax.Array]:
-    d, accum = self.config.data, self.config.optim.grad_accum_steps
-    batch = self.source.batch("train", step, d.batch_size, d.seq_len)
-    batch = {k: v.reshape(accum, d.batch_size // accum, *v.shape[1:]) for k, v in batch.items()}
-    return shard_lib.put_batch(batch, self.micro_sharding)
+    """Training batch `step` (what the iterator yields at that position), on the devices."""
+    return self.put_train_batch(self.train_batches[step])
 
   def evaluate(self, params) -> dict[str, float]:
     """Held-out accuracy and loss at every eval length."""
     d, out = self.config.data, {}
     for length in d.eval_lengths:
       tot: dict[str, float] = {}
+      batches = self.source.batches("eval", length, d.batch_size, *self._shard)
       for i in range(self.config.run.eval_batches):
-        batch = shard_lib.put_batch(self.source.batch("eval", i, d.batch_size, length),
-                                    self.eval_sharding)
+        batch = shard_lib.put_batch(batches[i], self.eval_sharding)
         for k, v in jax.device_get(self.eval_step(params, batch)).items():
           tot[k] = tot.get(k, 0.0) + float(v)
       w = max(tot["weight"], 1.0)
@@ -254,38 +270,41 @@ def train_and_evaluate(config: Config, workdir: str, *, mesh=None, quiet: bool =
   run = config.run
   os.makedirs(workdir, exist_ok=True)
   trainer = Trainer(config, mesh)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), run.keep_checkpoints)
-  say = (lambda *a: None) if quiet or jax.process_index() else print
+  with contextlib.ExitStack() as cleanup:  # closed in reverse order, on every way out
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), run.keep_checkpoints)
+    cleanup.callback(ckpt.close)  # waits for the last save
+    data = trainer.train_iterator()
+    cleanup.callback(data.close)
+    start = ckpt.latest_step() or 0
+    state = (ckpt.restore(start, trainer.abstract_state, data) if start
+             else trainer.fresh_state())
+    console = metrics_lib.Progress(run.steps, start, enabled=not quiet)
+    cleanup.callback(console.close)
+    if start:
+      console.print(f"resumed from step {start} ({ckpt.directory})")
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(to_dict(config), f, indent=1)
+    jsonl = os.path.join(workdir, "metrics.jsonl")
+    metrics_lib.truncate_jsonl(jsonl, start)
+    writer = metrics_lib.Writer(workdir, run.tensorboard)
+    cleanup.callback(writer.close)
 
-  start = ckpt.latest_step()
-  if start is None:
-    state, data_state, start = trainer.fresh_state(), DataState(config.data.seed, 0), 0
-  else:
-    state, data_state = ckpt.restore(start, trainer.abstract_state)
-    if data_state.seed != config.data.seed or data_state.step != start:
-      raise ValueError(f"checkpoint {start} in {ckpt.directory} has data state {data_state}, "
-                       f"which does not match data.seed={config.data.seed}: use a new workdir")
-    say(f"resumed from step {start} ({ckpt.directory})")
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(to_dict(config), f, indent=1)
-  jsonl = os.path.join(workdir, "metrics.jsonl")
-  metrics_lib.truncate_jsonl(jsonl, start)
-  writer = metrics_lib.Writer(workdir, run.steps, run.tensorboard, quiet)
+    def log(record):
+      writer.write(record)
+      console.record(record)
 
-  peak = metrics_lib.peak_flops(jax.devices()[0])
-  flops_tok = _tokens_flops(config) if peak else None
-  tokens_per_step = config.data.batch_size * config.data.seq_len
-  schedule = learning_rate(config.optim, run.steps)
-  losses: list[float] = []
-  window: dict[str, float] = {}
-  # Throughput counts steps after the first one of this process (which includes compiling).
-  n_window, n_timed, t_window = 0, 0, time.time()
-  last_eval: dict[str, float] = {}
-  step = start
-  try:
+    peak = flops_lib.peak_flops(jax.devices()[0])
+    flops_tok = _tokens_flops(config) if peak else None
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    schedule = learning_rate(config.optim, run.steps)
+    losses: list[float] = []
+    window: dict[str, float] = {}
+    # Throughput counts steps after the first one of this process (which includes compiling).
+    n_window, n_timed, t_window = 0, 0, time.time()
+    last_eval: dict[str, float] = {}
     for step in range(start + 1, run.steps + 1):
-      state, m = trainer.train_step(state, trainer.train_batch(step - 1))
+      state, m = trainer.train_step(state, trainer.put_train_batch(next(data)))
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       if not math.isfinite(m["loss"]):
         kept = ckpt.latest_step()
@@ -294,6 +313,7 @@ def train_and_evaluate(config: Config, workdir: str, *, mesh=None, quiet: bool =
             f"last good checkpoint is step {kept} in {ckpt.directory}. Try a lower "
             "--optim.lr or --optim.clip_norm, or --model.dtype=float32.")
       losses.append(m["loss"])
+      console.advance(step)
       for k, v in m.items():
         window[k] = window.get(k, 0.0) + v
       n_window += 1
@@ -308,31 +328,23 @@ def train_and_evaluate(config: Config, workdir: str, *, mesh=None, quiet: bool =
           rec["tokens_per_s"] = n_timed * tokens_per_step / dt
         if flops_tok and peak and n_timed:
           rec["mfu"] = rec["tokens_per_s"] * flops_tok / (peak * trainer.mesh.size)
-        writer.write(rec)
-        writer.progress(rec)
+        log(rec)
         window, n_window, n_timed, t_window = {}, 0, 0, time.time()
       if run.eval_every and step % run.eval_every == 0 and step != run.steps:
         last_eval = trainer.evaluate(state.params)
-        writer.write({"step": step, **last_eval})
-        writer.progress({"step": step, **last_eval})
+        log({"step": step, **last_eval})
         n_timed, t_window = 0, time.time()
       if run.stop_at and step == run.stop_at:
-        say(f"stopping at step {step} (run.stop_at) without a final checkpoint")
-        ckpt.close()
-        writer.close()
+        console.print(f"stopping at step {step} (run.stop_at) without a final checkpoint")
         return Result(step, workdir, last_eval, losses, None, ckpt.directory)
       if run.checkpoint_every and step % run.checkpoint_every == 0 and step != run.steps:
-        ckpt.save(step, state, DataState(config.data.seed, step))
+        ckpt.save(step, state, data)
     step = run.steps
     if start < run.steps or not last_eval:
       last_eval = trainer.evaluate(state.params)
-      writer.write({"step": step, **last_eval})
-      writer.progress({"step": step, **last_eval})
+      log({"step": step, **last_eval})
     if ckpt.latest_step() != step:
-      ckpt.save(step, state, DataState(config.data.seed, step))
-  finally:
-    ckpt.close()
-    writer.close()
+      ckpt.save(step, state, data)
   plot = None
   if run.plot and jax.process_index() == 0:
     plot = metrics_lib.plot_curves(jsonl, os.path.join(workdir, "curves.png"),

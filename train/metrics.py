@@ -1,4 +1,4 @@
-"""Where metrics go: console, metrics.jsonl, TensorBoard event files, and curves.png.
+"""Where metrics go: metrics.jsonl, TensorBoard event files, curves.png, and the console.
 
 Records are flat dicts {"step": int, "<name>": float, ...}; train records use names like
 "loss", eval records "eval/accuracy@64". Only process 0 writes.
@@ -8,28 +8,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from typing import Any
 
 import jax
-
-# Peak dense bfloat16 FLOP/s per chip by device kind (vendor figures), for MFU.
-PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12, "TPU7x": 2307e12,
-    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
-    "NVIDIA B200": 2250e12,
-}
-
-
-def peak_flops(device) -> float | None:
-  """Peak FLOP/s of one accelerator, or None (CPU, or a kind not in the table)."""
-  if device.platform == "cpu":
-    return None
-  kind = device.device_kind
-  matches = [k for k in PEAK_FLOPS if kind.startswith(k)]
-  return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
 def truncate_jsonl(path: str, max_step: int) -> None:
@@ -48,16 +30,12 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 class Writer:
-  """Writes records to JSONL and TensorBoard and prints progress lines."""
+  """Writes records to metrics.jsonl and TensorBoard (process 0 only)."""
 
-  def __init__(self, workdir: str, total_steps: int, tensorboard: bool = True,
-               quiet: bool = False):
+  def __init__(self, workdir: str, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0
-    self.total = total_steps
-    self.quiet = quiet
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
-    self._t0 = time.time()
     if self.enabled and tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
@@ -72,31 +50,76 @@ class Writer:
         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
           self._tb.add_scalar(k, v, record["step"])
 
-  def progress(self, record: dict[str, Any]) -> None:
-    """One console line: a bar, the step, and the record's main numbers."""
-    if not self.enabled or self.quiet:
-      return
-    step = record["step"]
-    width = 20
-    done = int(width * step / max(self.total, 1))
-    parts = [f"[{'#' * done}{'.' * (width - done)}] {step}/{self.total}"]
-    for k, v in record.items():
-      if k == "step" or not isinstance(v, (int, float)):
-        continue
-      if k == "tokens_per_s":
-        parts.append(f"{v / 1e3:.1f}k tok/s")
-      elif k == "lr":
-        parts.append(f"lr {v:.1e}")
-      elif k.startswith("metrics/") and len(parts) > 6:
-        continue
-      else:
-        parts.append(f"{k} {v:.4g}")
-    parts.append(f"{time.time() - self._t0:.0f}s")
-    print(" | ".join(parts), file=sys.stdout, flush=True)
-
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def format_record(record: dict[str, Any], max_items: int = 6) -> str:
+  """A record's main numbers on one line: "loss 2.31 | accuracy 0.4 | lr 3.0e-03 | ..."."""
+  parts = []
+  for k, v in record.items():
+    if k == "step" or not isinstance(v, (int, float)):
+      continue
+    if k.startswith("metrics/") and len(parts) >= max_items:
+      continue
+    parts.append(f"{v / 1e3:.1f}k tok/s" if k == "tokens_per_s" else
+                 f"lr {v:.1e}" if k == "lr" else f"{k} {v:.4g}")
+  return " | ".join(parts)
+
+
+class Progress:
+  """The console of a run (process 0 only).
+
+  On a terminal or in a notebook: a rich progress bar updated in place every step, with the
+  latest training numbers beside it; held-out results and messages print above it. Anywhere
+  else (stdout redirected to a log file, a pipe, CI): one plain line per record and per
+  message, no carriage returns and no escape codes.
+  """
+
+  def __init__(self, total: int, start: int = 0, enabled: bool = True, console=None):
+    from rich import console as rich_console  # pylint: disable=g-import-not-at-top
+    from rich import progress  # pylint: disable=g-import-not-at-top
+    self.enabled = enabled and jax.process_index() == 0
+    self.total = total
+    self._console = console or rich_console.Console()
+    self._t0 = time.time()
+    self.live = self.enabled and (self._console.is_terminal or self._console.is_jupyter)
+    if self.live:
+      self._bar = progress.Progress(
+          progress.TextColumn("[bold]step"), progress.MofNCompleteColumn(),
+          progress.BarColumn(), progress.TimeElapsedColumn(), progress.TextColumn("<"),
+          progress.TimeRemainingColumn(), progress.TextColumn("{task.fields[info]}"),
+          console=self._console)
+      self._task = self._bar.add_task("train", total=total, completed=start, info="")
+      self._bar.start()
+
+  def advance(self, step: int) -> None:
+    if self.live:
+      self._bar.update(self._task, completed=step)
+
+  def record(self, record: dict[str, Any]) -> None:
+    """Shows a metrics record: training numbers beside the bar, held-out ones as a line."""
+    if not self.enabled:
+      return
+    text = format_record(record)
+    if self.live and not any(k.startswith("eval/") for k in record):
+      self._bar.update(self._task, info=text)
+    else:
+      self.print(f"step {record['step']}/{self.total} | {text} | {time.time() - self._t0:.0f}s")
+
+  def print(self, text: str) -> None:
+    if not self.enabled:
+      return
+    if self.live:
+      self._bar.console.print(text, highlight=False, markup=False)
+    else:
+      print(text, flush=True)
+
+  def close(self) -> None:
+    if self.live:
+      self._bar.stop()
+      self.live = False
 
 
 def plot_curves(jsonl_path: str, png_path: str, title: str = "") -> str | None:

@@ -2,15 +2,16 @@
 
 A preset is (model kwargs for deltajax.models.LMConfig, DataConfig, OptimConfig, RunConfig);
 `build_config(name, overrides)` applies `--section.field=value` overrides on top. The model's
-vocab_size follows the task unless --model.vocab_size is given.
+vocab_size follows the task unless the preset or --model.vocab_size sets it.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
+from deltajax.models import LMConfig
 from deltajax.train.config import (Config, DataConfig, OptimConfig, RunConfig,
-                                   apply_overrides)
+                                   parse_or_raise)
 from deltajax.train.data import task_vocab_size
 
 
@@ -142,17 +143,17 @@ PRESETS: dict[str, Preset] = {
 DEFAULT_PRESET = "mqar"
 
 
-def build_config(name: str = DEFAULT_PRESET, overrides: dict[str, str] | None = None) -> Config:
-  """The preset `name` with `overrides` ({"section.field": text}) applied."""
-  from deltajax.models import LMConfig  # pylint: disable=g-import-not-at-top
+def default_config(name: str = DEFAULT_PRESET) -> Config:
+  """The preset `name` as a Config."""
   if name not in PRESETS:
     raise ValueError(f"preset: got {name!r}, need one of {', '.join(PRESETS)}")
   p = PRESETS[name]
-  overrides = dict(overrides or {})
-  model_over = {k: v for k, v in overrides.items() if k.startswith("model.")}
-  rest = {k: v for k, v in overrides.items() if k not in model_over}
-  # Data first: the model's default vocabulary follows the (possibly overridden) task.
-  cfg = apply_overrides(Config(model=None, data=p.data, optim=p.optim, run=p.run, preset=name),
-                        rest)
-  model = LMConfig(**{"vocab_size": task_vocab_size(cfg.data), **p.model})
-  return apply_overrides(dataclasses.replace(cfg, model=model), model_over)
+  model = LMConfig(**{"vocab_size": task_vocab_size(p.data), **p.model})
+  return Config(model=model, data=p.data, optim=p.optim, run=p.run, preset=name)
+
+
+def build_config(name: str = DEFAULT_PRESET, overrides: dict[str, str] | None = None) -> Config:
+  """The preset `name` with `overrides` ({"section.field": text}, as on the command line)
+  applied. A bad name, key or value is a ValueError naming it."""
+  args = [f"--{k}={v}" for k, v in (overrides or {}).items()]
+  return parse_or_raise(default_config(name), args)

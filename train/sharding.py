@@ -100,8 +100,13 @@ def batch_sharding(mesh: Mesh, micro: bool = False) -> NamedSharding:
   return NamedSharding(mesh, P(None, BATCH_AXES) if micro else P(BATCH_AXES))
 
 
-def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """Global numpy batch -> sharded global arrays. Every process holds the whole (regenerable)
-  batch and contributes its addressable shards, so this works on one host and on many."""
-  return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
-          for k, v in batch.items()}
+def put_batch(local: dict[str, np.ndarray], sharding: NamedSharding,
+              rows_axis: int = 0) -> dict[str, jax.Array]:
+  """This process's rows of a batch -> global arrays, sharded. Each process passes only what
+  it read (its shard, see data.Source.batches); axis `rows_axis` is process_count times
+  longer globally."""
+  def put(v):
+    shape = list(v.shape)
+    shape[rows_axis] *= jax.process_count()
+    return jax.make_array_from_process_local_data(sharding, v, tuple(shape))
+  return {k: put(v) for k, v in local.items()}

@@ -8,9 +8,10 @@ Subclasses differ only in their gate and which op they call.
 Three modes, one call `(y, new_cache) = mixer(x, segment_ids=None, cache=None)`:
 * full sequence: neither given; new_cache is None.
 * packed: segment_ids [B, T] int32 (0 = padding, any change of id starts a new document).
-  Each row is turned into a fixed-size cu_seqlens ([max_segments + 1], padded with empty
-  documents, so it works under jit) and the op is vmapped over rows; ShortConv masks its taps
-  at document boundaries. No state leaks between documents.
+  They become per-stream cu_seqlens [B, T + 1] (padded with empty documents, so any number of
+  documents fits under jit); the ops reset the state at each boundary inside their chunk grid,
+  so a packed batch costs what an unpacked one does. ShortConv masks its taps at document
+  boundaries. No state leaks between documents.
 * cached (prefill and decode): cache = `init_cache(B)` or a previous new_cache; the recurrent
   state is the op's initial state and the conv cache holds the last conv_size - 1 inputs, so
   feeding tokens one at a time reproduces the full forward. (Not combined with segment_ids.)
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from deltajax import ops
+from deltajax.kernels import KernelConfig
 from deltajax.layers import gates
 from deltajax.layers import segments
 from deltajax.layers.common import Dtype, dense, head_sizes, output_init, partitioned
@@ -60,7 +62,7 @@ class DeltaMixerBase(nn.Module):
   norm_eps: float = 1e-5
   chunk_size: int = 64
   impl: str = "auto"
-  max_segments: int | None = None
+  kernel_config: KernelConfig | None = None
   out_init_scale: float = 1.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -68,7 +70,6 @@ class DeltaMixerBase(nn.Module):
   # Class constants (not fields), overridden by subclasses.
   output_gate_activation = "silu"
   uses_beta = True
-  bounded_packing = True  # the op's cost grows with the number of documents it is told about
 
   @property
   def num_steps(self) -> int:
@@ -112,42 +113,15 @@ class DeltaMixerBase(nn.Module):
     raise NotImplementedError
 
   # --- shared body --------------------------------------------------------------------------
-  def _packed(self, q, k, v, beta, g, segment_ids):
-    """The op on each row of a packed batch (vmapped), documents given as cu_seqlens.
-
-    The chunked ops size their chunk grid for T / C + S - 1 chunks when told about S documents,
-    so S = T (always enough) costs C times the unpacked op. The fast path uses
-    S = max_segments (default T / C + 1) and a `lax.cond` falls back to S = T for batches
-    with a row of more documents: always exact, fast in the common case.
-    """
-    T = q.shape[1]
-
-    def run(S):
-      cu = segments.cu_seqlens_rows(segment_ids, S)
-
-      def row(q, k, v, beta, g, cu):
-        one = lambda t: None if t is None else t[None]
-        o, _ = self.recurrence(one(q), one(k), one(v), one(beta), one(g),
-                               initial_state=None, cu_seqlens=cu)
-        return o[0]
-
-      return jax.vmap(row)(q, k, v, beta, g, cu)
-
-    if not self.bounded_packing or ops.resolve_impl(self.impl, T * self.num_steps) == "recurrent":
-      return run(T)  # the token loop's cost does not depend on S
-    S = self.max_segments or -(-T // self.chunk_size) + 1
-    if S >= T:
-      return run(T)
-    fits = jnp.max(segments.num_documents(segment_ids)) <= S
-    return lax.cond(fits, lambda: run(S), lambda: run(T))
-
   def _dense(self, features: int, axes, name: str, use_bias: bool = False, **kw):
     return dense(features, axes, name=name, dtype=self.dtype, param_dtype=self.param_dtype,
                  use_bias=use_bias, **kw)
 
   def _op_kwargs(self, initial_state, cu_seqlens) -> dict:
-    return dict(initial_state=initial_state, output_final_state=True, cu_seqlens=cu_seqlens,
-                use_qk_l2norm=True, chunk_size=self.chunk_size, impl=self.impl)
+    # The final state is only read when decoding, which passes the cache's state in.
+    return dict(initial_state=initial_state, output_final_state=initial_state is not None,
+                cu_seqlens=cu_seqlens, use_qk_l2norm=True, chunk_size=self.chunk_size,
+                impl=self.impl, kernel_config=self.kernel_config)
 
   @nn.compact
   def __call__(self, x: jax.Array, *, segment_ids=None, cache=None):
@@ -187,7 +161,8 @@ class DeltaMixerBase(nn.Module):
       state = None if cache is None else cache["state"]
       o, final = self.recurrence(q, k, v, beta, g, initial_state=state, cu_seqlens=None)
     else:
-      o, final = self._packed(q, k, v, beta, g, segment_ids), None
+      o, final = self.recurrence(q, k, v, beta, g, initial_state=None,
+                                 cu_seqlens=segments.cu_seqlens_rows(segment_ids))
 
     if self.use_output_gate:
       gate = self.output_gate(x, d).reshape(B, T, d.HV, d.V)
@@ -295,7 +270,6 @@ class LinearAttention(DeltaMixerBase):
   in the update rule. Computed in plain JAX (chunked, `linear_attention.py`).
   """
   uses_beta = False
-  bounded_packing = False  # documents become resets; the cost does not depend on their number
 
   def dims(self) -> MixerDims:
     d = super().dims()
@@ -308,8 +282,9 @@ class LinearAttention(DeltaMixerBase):
     del beta, g
     B, T = q.shape[:2]
     resets = None
-    if cu_seqlens is not None:  # one packed row: reset the state at every document start
-      resets = jnp.zeros((T + 1,), bool).at[cu_seqlens].set(True)[None, :T]
+    if cu_seqlens is not None:  # [B, S + 1] per stream: reset the state at every start
+      rows = jnp.arange(B)[:, None]
+      resets = jnp.zeros((B, T + 1), bool).at[rows, cu_seqlens].set(True)[:, :T]
     q = ops.l2norm(q) * q.shape[-1] ** -0.5
     return linear_attention(q.astype(self.dtype), ops.l2norm(k[:, :, 0]), v[:, :, 0],
                             resets=resets, initial_state=initial_state,

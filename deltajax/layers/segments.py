@@ -49,21 +49,12 @@ def num_documents(segment_ids: jax.Array) -> jax.Array:
   return jnp.sum(starts(segment_ids), axis=1, dtype=jnp.int32)
 
 
-def cu_seqlens_rows(segment_ids: jax.Array, max_segments: int | None = None) -> jax.Array:
-  """[B, S + 1] int32 per-row document boundaries, padded with T (empty documents).
+def cu_seqlens_rows(segment_ids: jax.Array) -> jax.Array:
+  """[B, T + 1] int32 per-row document boundaries, padded with T (empty documents).
 
-  S = max_segments (default T, always enough). With a smaller S, rows with more than S
-  documents are cut short (their last boundaries are lost): the caller checks
-  `num_documents(segment_ids) <= S` first.
+  T + 1 entries always fit every document of a row, so the shape is fixed under jit.
   """
   B, T = segment_ids.shape
-  S = T if max_segments is None else int(max_segments)
-  if S < 1:
-    raise ValueError(f"max_segments must be >= 1; got {max_segments}.")
   t = jnp.arange(T, dtype=jnp.int32)
   idx = jnp.sort(jnp.where(starts(segment_ids), t, T), axis=1)
-  if S <= T:
-    idx = idx[:, :S]
-  else:
-    idx = jnp.pad(idx, ((0, 0), (0, S - T)), constant_values=T)
   return jnp.concatenate([idx, jnp.full((B, 1), T, jnp.int32)], axis=1).astype(jnp.int32)

@@ -6,6 +6,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from deltajax.kernels import KernelConfig
+from deltajax.ops import checks
+
 from deltajax.layers.common import head_sizes
 from deltajax.layers.mlp import MLP_ACTIVATIONS
 
@@ -36,9 +39,8 @@ class LMConfig:
   attn_sparsity: "attn" layers' sparsity: None, a TopKConfig (k keys per query), a
   DeltaAttentionConfig (inference only), or their deltajax.sparsity.parse_spec string.
   attn_predictor_dim: Spark attention: this many head dimensions select the top-k keys.
-  max_segments: documents per row (padding runs included) that the fast packed path is
-  compiled for; default T / chunk_size + 1. Rows with more documents take an exact but slower
-  path (lax.cond), so this only tunes speed.
+  impl, kernel_config: the delta-rule ops' implementation and Pallas kernel config
+  (deltajax.ops, deltajax.kernels.KernelConfig).
   remat: recompute each block's activations in the backward pass (jax.checkpoint) to save
   memory.
   """
@@ -71,7 +73,7 @@ class LMConfig:
   norm_eps: float = 1e-5
   chunk_size: int = 64
   impl: str = "auto"
-  max_segments: int | None = None
+  kernel_config: KernelConfig = KernelConfig()
   embed_init_std: float = 0.02
   remat: bool = False
 
@@ -107,15 +109,11 @@ class LMConfig:
                        f"got {self.mlp_activation!r}.")
     if self.window is not None and self.window < 1:
       raise ValueError(f"window must be >= 1 or None; got {self.window}.")
-    if self.max_segments is not None and self.max_segments < 1:
-      raise ValueError(f"max_segments must be >= 1 or None; got {self.max_segments}.")
     if self.kda_lower_bound is not None and self.kda_lower_bound >= 0:
       raise ValueError(f"kda_lower_bound must be negative or None; got {self.kda_lower_bound}.")
     if (self.chunk_size < 16 or self.chunk_size & (self.chunk_size - 1)):
       raise ValueError(f"chunk_size must be a power of two >= 16; got {self.chunk_size}.")
-    if self.impl not in ("auto", "recurrent", "chunk", "pallas"):
-      raise ValueError(f"impl must be 'auto', 'recurrent', 'chunk' or 'pallas'; "
-                       f"got {self.impl!r}.")
+    checks.check_impl(self.impl)
     _dtype_ok("dtype", self.dtype)
     _dtype_ok("param_dtype", self.param_dtype)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from deltajax.core.flops import chunk_flops_per_step
 from deltajax.models.config import LMConfig
 
 
@@ -15,10 +16,8 @@ def num_params(params) -> int:
 def _mixer_flops(config: LMConfig, mixer: str, seq_len: int) -> float:
   """Forward FLOPs per token of a mixer's sequence part (the projections are in 2 * params).
 
-  Delta mixers (chunkwise form, chunk C, per value head and Householder step): the in-chunk
-  scores and solve (Q K^T, K K^T, the triangular inverse applied to K and V) ~ 2 C (3K + 2V),
-  and the state terms (W S, Q S, the state update) ~ 6 K V. Linear attention: 2 C (K + V) +
-  4 K V. Attention: 4 * context * head_dim per head, context = the causal average
+  Delta mixers: deltajax.core.flops.chunk_flops_per_step per value head and Householder
+  step. Linear attention: 2 C (K + V) + 4 K V. Attention: 4 * context * head_dim per head, context = the causal average
   (seq_len / 2, or the window when it is shorter).
   """
   K = config.resolved_head_dim
@@ -32,7 +31,7 @@ def _mixer_flops(config: LMConfig, mixer: str, seq_len: int) -> float:
   if mixer == "linear_attn":
     return HV * (2.0 * C * (K + V) + 4.0 * K * V)
   n = config.num_householder if mixer == "delta_product" else 1
-  return n * HV * (2.0 * C * (3 * K + 2 * V) + 6.0 * K * V)
+  return n * HV * chunk_flops_per_step(C, K, V)
 
 
 def flops_per_token(config: LMConfig, seq_len: int, params=None) -> float:

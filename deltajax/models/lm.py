@@ -32,7 +32,8 @@ def make_mixer(config: LMConfig, mixer: str, **module_kw) -> nn.Module:
   kw.update(head_dim=config.head_dim, num_v_heads=config.num_v_heads, expand_v=config.expand_v,
             conv_size=config.conv_size, use_short_conv=config.use_short_conv,
             allow_neg_eigval=config.allow_neg_eigval, norm_eps=config.norm_eps,
-            chunk_size=config.chunk_size, impl=config.impl, max_segments=config.max_segments)
+            chunk_size=config.chunk_size, impl=config.impl,
+            kernel_config=config.kernel_config)
   if mixer == "delta_product":
     kw.update(num_householder=config.num_householder, use_forget_gate=config.use_forget_gate)
   if mixer == "kda":

@@ -1,7 +1,8 @@
 """Delta-rule ops: `delta_rule`, `gated_delta_rule`, `kda`, `delta_product`.
 
-Each takes `impl=` "recurrent" (the token-by-token reference), "chunk" (the chunkwise WY form
-in plain JAX), "pallas" (deltajax.kernels) or "auto".
+Each takes `impl=` "recurrent" (the token-by-token path), "chunk" (the chunkwise WY form in
+plain JAX), "pallas" (deltajax.kernels) or "auto"; `deltajax.ops.registry` lists what each
+supports and what "auto" picks on each platform.
 """
 from deltajax.ops.api import delta_product
 from deltajax.ops.api import delta_rule

@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("auto", "recurrent", "chunk", "pallas")
+from deltajax.core.problem import check_chunk_size
+from deltajax.ops.registry import IMPLEMENTATIONS
+
+IMPLS = ("auto", *IMPLEMENTATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,41 +58,50 @@ def check_impl(impl: str) -> None:
     raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}.")
 
 
-def check_chunk_size(chunk_size) -> None:
-  if (not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool)
-      or chunk_size < 16 or chunk_size & (chunk_size - 1)):
-    raise ValueError(f"chunk_size must be a power of two >= 16; got {chunk_size!r}.")
-
-
 def check_cu_seqlens(cu_seqlens, B: int, T: int) -> int:
   """Returns the number of packed sequences N. Values are checked when concrete.
 
-  Empty sequences (repeated boundaries) are allowed and pass their initial state through, so a
-  batch with a varying number of documents can use a fixed-size cu_seqlens under jit.
+  [N + 1] packs N sequences in one stream (B must be 1); [B, S + 1] packs S per stream
+  (N = B * S). Empty sequences (repeated boundaries) are allowed and pass their initial state
+  through, so a fixed-size cu_seqlens can describe a varying number of documents under jit.
   """
   if isinstance(cu_seqlens, (list, tuple)):
     cu_seqlens = np.asarray(cu_seqlens)
   shape = _shape(cu_seqlens)
-  if len(shape) != 1 or shape[0] < 2:
-    raise ValueError(f"cu_seqlens must be a 1-D array [N + 1] with N >= 1; got shape {shape}.")
+  if len(shape) not in (1, 2) or shape[-1] < 2:
+    raise ValueError(f"cu_seqlens must be [N + 1] (one stream) or [B, S + 1] (per stream), "
+                     f"with N, S >= 1; got shape {shape}.")
   if not jnp.issubdtype(jnp.result_type(cu_seqlens), jnp.integer):
     raise ValueError(f"cu_seqlens must be an integer array; got dtype "
                      f"{jnp.result_type(cu_seqlens)}.")
-  if B != 1:
-    raise ValueError(f"cu_seqlens packs sequences along time and needs batch size 1; got B={B}.")
+  if len(shape) == 1 and B != 1:
+    raise ValueError(f"cu_seqlens of shape [N + 1] packs sequences along one stream and needs "
+                     f"batch size 1; got B={B} (give [B, S + 1] boundaries per stream instead).")
+  if len(shape) == 2 and shape[0] != B:
+    raise ValueError(f"cu_seqlens of shape [B, S + 1] needs one row per stream, B={B}; got "
+                     f"shape {shape}.")
   if not isinstance(cu_seqlens, jax.core.Tracer):
-    c = np.asarray(cu_seqlens)
-    if c[0] != 0:
-      raise ValueError(f"cu_seqlens must start at 0; got {c[0]} (cu_seqlens={c.tolist()}).")
-    if c[-1] != T:
-      raise ValueError(f"cu_seqlens must end at T={T}; got {c[-1]} (cu_seqlens={c.tolist()}).")
-    if np.any(np.diff(c) < 0):
-      raise ValueError(f"cu_seqlens must be non-decreasing; got {c.tolist()}.")
-  return shape[0] - 1
+    for c in np.asarray(cu_seqlens).reshape(-1, shape[-1]):
+      if c[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0; got {c[0]} (cu_seqlens={c.tolist()}).")
+      if c[-1] != T:
+        raise ValueError(f"cu_seqlens must end at T={T}; got {c[-1]} "
+                         f"(cu_seqlens={c.tolist()}).")
+      if np.any(np.diff(c) < 0):
+        raise ValueError(f"cu_seqlens must be non-decreasing; got {c.tolist()}.")
+  return shape[-1] - 1 if len(shape) == 1 else B * (shape[-1] - 1)
+
+
+def check_scale(scale) -> None:
+  if scale is None:
+    return
+  if (isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating))
+      or not math.isfinite(scale)):
+    raise ValueError(f"scale must be a finite number (or None for K ** -0.5); got {scale!r}.")
 
 
 def check_inputs(q, k, v, beta, g, *, gate: str | None, n: int | None, initial_state,
-                 cu_seqlens, chunk_size, impl: str) -> Dims:
+                 cu_seqlens, chunk_size, impl: str, scale=None) -> Dims:
   """Validates one call. `gate` is None, "head" ([B,T,HV]) or "channel" ([B,T,HV,K]).
 
   `n` is None for single-step ops; for delta_product k/v/beta carry an extra axis of size n
@@ -95,6 +109,7 @@ def check_inputs(q, k, v, beta, g, *, gate: str | None, n: int | None, initial_s
   """
   check_impl(impl)
   check_chunk_size(chunk_size)
+  check_scale(scale)
   for name, x in (("q", q), ("k", k), ("v", v), ("beta", beta)):
     _check_float(name, x)
   if g is not None:

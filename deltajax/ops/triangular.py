@@ -11,9 +11,8 @@ blocks of size b and the block L below the first,
 so log2(C) rounds of batched b x b products give M^-1 exactly (no series truncation, so no
 overflow on nearly parallel keys, unlike the Neumann product (I - A)(I + A^2)(I + A^4)...).
 
-The Pallas kernels use the same recursion in `kernels/delta_chunk/maths.py`, written there on
-whole 2-D [C, C] values with 0/1 masks because Triton cannot slice values; that form costs
-log2(C) full C x C products, this batched one only the b x b blocks each round.
+The Pallas kernels use the same recursion on whole 2-D [C, C] tiles (kernels/*/maths.py), where
+full C x C products on the matrix unit beat slicing out the b x b blocks.
 """
 from __future__ import annotations
 
@@ -43,10 +42,16 @@ def _matmul(x, y, precision):
 
 
 def invert_unit_lower(A: jax.Array, precision=None) -> jax.Array:
-  """(I + A)^-1 for A [..., C, C] strictly lower triangular, C a power of two."""
+  """(I + A)^-1 for A [..., C, C] strictly lower triangular.
+
+  Any C: other sizes are padded to the next power of two with identity rows, whose inverse
+  block is the identity and leaves the top-left C x C block exact.
+  """
   C = A.shape[-1]
   if C & (C - 1):
-    raise ValueError(f"the block size must be a power of two; got {C}.")
+    P = 1 << (C - 1).bit_length()
+    A = jnp.pad(A, [(0, 0)] * (A.ndim - 2) + [(0, P - C), (0, P - C)])
+    return invert_unit_lower(A, precision)[..., :C, :C]
   X = jnp.ones((*A.shape[:-2], C, 1, 1), A.dtype)      # inverses of the 1 x 1 diagonal blocks
   b = 1
   while b < C:

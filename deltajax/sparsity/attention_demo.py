@@ -38,8 +38,8 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "topk16": ("topk_attn", {}),
     "topk32": ("topk_attn", {"model.attn_sparsity": "topk:k=32"}),
     "topk16_stat": ("topk_attn", {"model.attn_sparsity": "topk:k=16,method=statistical"}),
-    "spark_attn": ("spark", {"model.mlp_sparsity": "none", "model.mlp_predictor_dim": "none"}),
-    "spark_ffn": ("spark", {"model.attn_sparsity": "none", "model.attn_predictor_dim": "none"}),
+    "spark_attn": ("spark", {"model.mlp_sparsity": "none", "model.mlp_predictor_dim": "None"}),
+    "spark_ffn": ("spark", {"model.attn_sparsity": "none", "model.attn_predictor_dim": "None"}),
 }
 DELTA_THRESHOLDS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 DELTA_WINDOWS = (8, 16)
@@ -53,8 +53,7 @@ def build(task: str, variant: str, seed: int, steps: int | None, corpus: str | N
   if steps is not None:
     over["run.steps"] = str(steps)
   if task == "text":
-    # One generated file is one document: one segment per row (see lm_demo).
-    over.update({"data.text_source": corpus, "model.max_segments": "1"})
+    over["data.text_source"] = corpus
   return presets.build_config(f"{task}_{suffix}", over)
 
 
@@ -152,6 +151,12 @@ def run(args) -> dict:
   from deltajax.sparsity.delta_attention import DeltaAttentionConfig  # pylint: disable=g-import-not-at-top
   results: dict = {"task": args.task, "args": vars(args), "runs": {}, "delta": {},
                    "decode": {}}
+
+  def save():  # after every run, so an interrupted sweep keeps what it finished
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+
   with tempfile.TemporaryDirectory() as tmp:
     corpus = None
     if args.task == "text":
@@ -164,6 +169,7 @@ def run(args) -> dict:
         ev = evaluate(trainer, params)
         ev["seconds"] = secs
         results["runs"][f"{variant}/{seed}"] = ev
+        save()
         print(f"seed {seed} {variant:<12} loss {ev['loss']:.4f} acc {ev['accuracy']:.4f} "
               f"kept_keys {mean_of(ev, 'kept_keys')} attn density {mean_of(ev, 'mixer/density')} "
               f"ffn density {mean_of(ev, 'mlp/sparsity/density')} [{secs:.0f}s]", flush=True)
@@ -183,6 +189,7 @@ def run(args) -> dict:
               print(f"seed {seed} delta thr {thr} window {window} prefill+decode: {dec}",
                     flush=True)
               decoded = True
+        save()
   return results
 
 
@@ -254,9 +261,6 @@ def main(argv=None):
     print(summarize(merge(args.summarize)))
     return
   results = run(args)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(results, f, indent=1)
   print("\n" + summarize(results))
 
 

@@ -94,13 +94,11 @@ def train_lm(sparsity, text_path: str, *, steps: int, seed: int, overrides: dict
   from deltajax.train import presets  # pylint: disable=g-import-not-at-top
   from deltajax.train.loop import Trainer  # pylint: disable=g-import-not-at-top
 
-  # The corpus is one file, i.e. one document: one segment per row (max_segments=1 keeps the
-  # chunked op from sizing its grid for T documents).
   over = {"model.d_model": "64", "model.num_layers": "2", "model.num_heads": "2",
           "model.mixer": "deltanet", "model.mlp_activation": "relu", "model.mlp_hidden": "256",
           "data.text_source": text_path, "data.seq_len": "64", "data.batch_size": "16",
           "optim.lr": "3e-3", "optim.warmup_steps": "50", "run.steps": str(steps),
-          "model.max_segments": "1", "run.eval_batches": "8", "run.seed": str(seed),
+          "run.eval_batches": "8", "run.seed": str(seed),
           **overrides}
   cfg = presets.build_config("text", over)
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mlp_sparsity=sparsity))

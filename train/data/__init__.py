@@ -1,57 +1,84 @@
-"""Data for training: generated tasks and packed text, each a deterministic `Source`.
+"""Input pipelines on grain: generated tasks and packed text as random-access datasets.
 
-`make_source(data_config).batch(split, index, batch_size, seq_len)` is a pure function of
-(seed, split, index), so the data iterator's state is just the next index (`DataState`).
+`Source(data_config).records(split, seq_len)` is a `grain.MapDataset` of examples
+  inputs [T] int32, targets [T] int32, weights [T] float32 (+ segment_ids [T] int32 for text)
+in which record i is a pure function of (seed, split, seq_len, i): generated tasks draw it from
+a Philox stream keyed by i (`random_map`), text indexes packed rows (shuffled per epoch by
+seed for training). `batches(...)` gives one process its shard of every global batch, and
+training iterates it through `grain` with prefetching; the iterator's state (the next batch
+index) goes into the orbax checkpoint next to the model (checkpoint.py).
 """
 from __future__ import annotations
 
-import dataclasses
+import os
 
+import grain
 import numpy as np
 
-from deltajax.train.data import tasks
+from deltajax.train.data import tasks, text
 from deltajax.train.data.tasks import Batch, task_vocab_size
 
 _SPLITS = {"train": 0, "eval": 1}
+_GENERATED_RECORDS = 2**62  # generated tasks never run out
 
 
-class TaskSource:
-  """A generated task; batch `index` of `split` at length T is seeded by (seed, split, T,
-  index), so held-out batches never reuse a training stream."""
+def _seed(seed: int, split: str, seq_len: int) -> int:
+  """A grain seed (uint32) per (data seed, split, length), so held-out rows and other lengths
+  never reuse the training stream."""
+  return int(np.random.SeedSequence([seed, _SPLITS[split], seq_len]).generate_state(1)[0])
+
+
+def read_options() -> grain.ReadOptions:
+  """Threads that assemble batches ahead of the training step (numpy work that overlaps the
+  step's XLA work, which releases the GIL), and how many batches they may run ahead."""
+  return grain.ReadOptions(num_threads=min(4, os.cpu_count() or 1), prefetch_buffer_size=4)
+
+
+class Source:
+  """The grain datasets of a DataConfig. Reads (and packs) text once, on construction; bad
+  shapes or sources fail here, before any compilation."""
 
   def __init__(self, cfg):
-    self._gen = tasks.generator(cfg)
-    self._seed = cfg.seed
+    self.cfg = cfg
     self.vocab_size = task_vocab_size(cfg)
-    self._gen(np.random.default_rng(0), 1, cfg.seq_len)  # fail early on bad shapes
-    for n in cfg.eval_lengths:
-      self._gen(np.random.default_rng(0), 1, n)
+    if cfg.task == "text":
+      self._docs = text.read(cfg.text_source, cfg.text_max_bytes)
+      self._rows: dict[int, dict[str, text.PackedRows]] = {}
+    else:
+      self._gen = tasks.generator(cfg)
+    for n in dict.fromkeys((cfg.seq_len, *cfg.eval_lengths)):
+      self.records("eval", n)[0]  # noqa: B018  (fail early)
+
+  def records(self, split: str, seq_len: int) -> grain.MapDataset:
+    """Examples of `split` ("train" or "eval") at length `seq_len`; an endless dataset."""
+    seed = _seed(self.cfg.seed, split, seq_len)
+    if self.cfg.task == "text":
+      if seq_len not in self._rows:
+        self._rows[seq_len] = text.split_rows(self._docs, seq_len)
+      ds = grain.MapDataset.source(self._rows[seq_len][split])
+      # Training rows in a new order every epoch; held-out rows in order.
+      return (ds.shuffle(seed=seed) if split == "train" else ds).repeat()
+    gen = self._gen
+
+    def example(_, rng: np.random.Generator) -> Batch:
+      return {k: v[0] for k, v in gen(rng, 1, seq_len).items()}
+    return grain.MapDataset.range(_GENERATED_RECORDS).random_map(example, seed=seed)
+
+  def batches(self, split: str, seq_len: int, batch_size: int, process_index: int = 0,
+              process_count: int = 1) -> grain.MapDataset:
+    """Process `process_index`'s rows of each global batch of `batch_size`: [batch_size /
+    process_count, seq_len] arrays. Global batch j is records j*B .. j*B + B - 1 however many
+    processes share it; process p reads records j*B + p + k*process_count, so processes read
+    disjoint records."""
+    if batch_size % process_count:
+      raise ValueError(f"data.batch_size: got {batch_size}, need a multiple of the "
+                       f"{process_count} processes")
+    shard = self.records(split, seq_len)[process_index::process_count]
+    return shard.batch(batch_size // process_count, drop_remainder=True)
 
   def batch(self, split: str, index: int, batch_size: int, seq_len: int) -> Batch:
-    rng = np.random.default_rng([self._seed, _SPLITS[split], seq_len, index])
-    return self._gen(rng, batch_size, seq_len)
+    """Global batch `index` of `split`, all of it in this process (notebooks, tests)."""
+    return self.batches(split, seq_len, batch_size)[index]
 
 
-def make_source(cfg):
-  """The Source for a DataConfig."""
-  if cfg.task == "text":
-    from deltajax.train.data.text import TextSource  # pylint: disable=g-import-not-at-top
-    return TextSource(cfg)
-  return TaskSource(cfg)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataState:
-  """The training data iterator's state: the next batch index, for this seed."""
-  seed: int
-  step: int
-
-  def to_json(self) -> dict:
-    return {"seed": self.seed, "step": self.step}
-
-  @classmethod
-  def from_json(cls, d: dict) -> "DataState":
-    return cls(seed=int(d["seed"]), step=int(d["step"]))
-
-
-__all__ = ["Batch", "DataState", "TaskSource", "make_source", "task_vocab_size"]
+__all__ = ["Batch", "Source", "read_options", "task_vocab_size"]

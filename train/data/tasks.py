@@ -5,8 +5,8 @@ returns a batch dict of numpy arrays:
   inputs  [B, T] int32   tokens fed to the model
   targets [B, T] int32   what position t must predict
   weights [B, T] float32 1 where the loss (and accuracy) counts, else 0
-The loop seeds the Generator from (seed, split, index), so any batch can be regenerated:
-that is the data iterator's whole state.
+The input pipeline (data/__init__.py) calls them for one row at a time with a Philox stream
+keyed by the record's index, so any record can be regenerated from (seed, split, length, index).
 """
 from __future__ import annotations
 
