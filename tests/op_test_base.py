@@ -7,10 +7,15 @@ Each test compares outputs, final states and the gradient of every input (`jax.v
 random cotangents) with the float64 oracle (tests/oracle.py) at DESIGN.md's tolerance for the
 input dtype, or checks an identity of the maths. Shapes are small and straddle chunks, so the
 Pallas interpreters stay affordable; a subclass may narrow `low_precision_ops` or `T`.
+
+A Pallas interpreter takes tens of seconds per case on a 2-core CI machine, so a kernel
+backend's subclass may name the cases it runs on every CI run (`ci_cases`); the rest run with
+DELTAJAX_ALL_KERNEL_TESTS=1 (before a kernel change lands, and on a machine with cores to spare).
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +84,16 @@ class OpTestBase:
   chunk_size = 16
   T = 37
   low_precision_ops = OPS
+  ci_cases: frozenset[str] | None = None  # test ids such as "test_packed_documents[kda]"
+
+  @pytest.fixture(autouse=True)
+  def _only_ci_cases(self, request):
+    name = request.node.name
+    if (self.ci_cases is not None and name not in self.ci_cases
+        and not os.environ.get("DELTAJAX_ALL_KERNEL_TESTS")):
+      pytest.skip(reason=f"{type(self).__name__} runs {name} only with "
+                  f"DELTAJAX_ALL_KERNEL_TESTS=1 (its interpreter is slow); on every CI run it "
+                  f"checks {', '.join(sorted(self.ci_cases))}")
 
   def call(self, op, args, h0, **kw):
     """o, final and every gradient of `op` under jit with this implementation."""

@@ -52,8 +52,8 @@ def test_kda_precision_at_the_factoring_limits(pattern):
 def test_chunk_forward_property(op, T, H, group, K, V):
   args, h0 = make_inputs(op, B=1, T=T, H=H, HV=H * group, K=K, V=V, seed=T)
   fn = getattr(ops, op)
-  run = lambda impl: fn(*args, initial_state=h0, output_final_state=True, impl=impl,
-                        chunk_size=16)
+  run = lambda impl: jax.jit(lambda a, h: fn(*a, initial_state=h, output_final_state=True,
+                                             impl=impl, chunk_size=16))(args, h0)
   (o, s), (o_ref, s_ref) = run("chunk"), run("recurrent")
   assert_close(o, o_ref, TOL[jnp.float32], "output")
   assert_close(s, s_ref, TOL[jnp.float32], "final state")
