@@ -141,7 +141,7 @@ def test_topk_attention_matches_reference(name):
 
 def test_soft_statistical_equals_hard_and_k_at_length_is_dense():
   params, x = _params(), _x()
-  run = lambda **kw: layers.Attention(D, H, **kw).apply(params, x)[0]
+  run = lambda **kw: jax.jit(layers.Attention(D, H, **kw).apply)(params, x)[0]
   hard = run(sparsity=TopKConfig(k=5, method="statistical"))
   np.testing.assert_array_equal(run(sparsity=TopKConfig(k=5, method="statistical", soft=True)),
                                 hard)
@@ -153,18 +153,29 @@ def test_statistical_topk_keeps_a_key_in_a_constant_row():
   """Equal scores (repeated tokens) put nothing above the mean: the best key is kept anyway."""
   s = jnp.zeros((1, 1, 6, 6))
   valid = jnp.tril(jnp.ones((6, 6), bool))[None]
-  keep = attention.topk_keys(s, valid, TopKConfig(k=2, method="statistical"))
+
+  @jax.jit
+  def keep_and_weights(s, valid):
+    keep = attention.topk_keys(s, valid, TopKConfig(k=2, method="statistical"))
+    return keep, attention.masked_softmax(s, keep)
+
+  keep, w = keep_and_weights(s, valid)
   assert np.all(np.asarray(keep).sum(-1) >= 1)
-  assert np.all(np.isfinite(np.asarray(attention.masked_softmax(s, keep))))
+  assert np.all(np.isfinite(np.asarray(w)))
 
 
 def test_statistical_threshold_where_equals_the_compacted_row():
   x = jax.random.normal(jax.random.PRNGKey(3), (4, 12))
   where = jnp.arange(12)[None, :] < jnp.array([[12], [7], [3], [1]])
-  thr = np.asarray(statistical_threshold(x, 2, where=where))
+  thr = np.asarray(jax.jit(lambda x, w: statistical_threshold(x, 2, where=w))(x, where))
+  xs = np.asarray(x, np.float64)
   for i, n in enumerate((12, 7, 3, 1)):
-    want = statistical_threshold(x[i:i + 1, :n], 2) if n > 2 else -np.inf
-    np.testing.assert_allclose(thr[i, 0], np.asarray(want).ravel()[0], rtol=1e-6)
+    row = xs[i, :n]  # mean + std * Phi^-1(1 - k / n) over the n entries that count
+    if n > 2:
+      want = row.mean() + row.std() * statistics.NormalDist().inv_cdf(1 - 2 / n)
+    else:
+      want = -np.inf  # at most k entries: all kept
+    np.testing.assert_allclose(thr[i, 0], want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("gradient", ["kept", "straight_through"])
@@ -180,7 +191,7 @@ def test_topk_attention_gradient(gradient):
     w, _ = attention.topk_attention(s, valid, cfg)
     return jnp.sum(attention.weighted_values(w, v) ** 2), attention.topk_keys(s, valid, cfg)
 
-  (_, keep), (dk, dv) = jax.value_and_grad(out, argnums=(1, 2), has_aux=True)(q, k, v)
+  (_, keep), (dk, dv) = jax.jit(jax.value_and_grad(out, argnums=(1, 2), has_aux=True))(q, k, v)
   never = ~np.asarray(keep).any(axis=(0, 1, 2))  # keys no query keeps
   assert never.sum() >= 3
   dk, dv = np.abs(np.asarray(dk))[0, :, 0].sum(-1), np.abs(np.asarray(dv))[0, :, 0].sum(-1)
@@ -224,7 +235,7 @@ def test_delta_attention_cannot_be_trained():
   m = layers.Attention(D, H, sparsity=DeltaAttentionConfig(0.01))
   params, x = _params(), _x()
   with pytest.raises(ValueError, match="delta attention .* cannot be differentiated"):
-    jax.grad(lambda p: jnp.sum(m.apply(p, x)[0]))(params)
+    jax.jit(jax.grad(lambda p: jnp.sum(m.apply(p, x)[0])))(params)  # raised while tracing
 
 
 # ----------------------------------------------------------------------------- cache, packing
@@ -281,8 +292,8 @@ def test_spark_ffn_matches_reference_with_the_dense_parameter_count():
   hidden, r, k = 64, 12, 6
   x = _x()
   spark = layers.MLP(hidden, "gelu", sparsity=TopKConfig(k=k), predictor_dim=r)
-  params = spark.init(jax.random.PRNGKey(2), x)
-  dense_params = layers.MLP(hidden, "gelu").init(jax.random.PRNGKey(2), x)
+  params = jax.jit(spark.init)(jax.random.PRNGKey(2), x)
+  dense_params = jax.eval_shape(layers.MLP(hidden, "gelu").init, jax.random.PRNGKey(2), x)
   count = lambda p: sum(a.size for a in jax.tree_util.tree_leaves(p))
   assert count(params) == count(dense_params) == 2 * D * hidden
   y = jax.jit(spark.apply)(params, x)
@@ -305,12 +316,17 @@ def test_spark_model_trains_and_sows_metrics_under_jit():
                  attn_sparsity="topk:k=4,method=statistical", attn_predictor_dim=8)
   model = DeltaLM(cfg)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (B, T), 0, 16, jnp.int32)
-  params = model.init(jax.random.PRNGKey(1), tokens)
-  _, state = jax.jit(lambda p, t: model.apply(p, t, mutable=["metrics"]))(params, tokens)
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)
+
+  @jax.jit
+  def metrics_and_grads(p, t):  # one compile for both
+    _, state = model.apply(p, t, mutable=["metrics"])
+    return state, jax.grad(lambda p: jnp.mean(model.apply(p, t) ** 2))(p)
+
+  state, grads = metrics_and_grads(params, tokens)
   block = state["metrics"]["block_0"]
   assert 1.0 <= float(block["mixer"]["kept_keys"][0]) <= T
   assert 0.0 < float(block["mlp"]["sparsity"]["density"][0]) < 0.3
-  grads = jax.grad(lambda p: jnp.mean(model.apply(p, tokens) ** 2))(params)
   g = nn.unbox(grads)["params"]
   for leaf in (g["block_0"]["mlp"]["predictor"]["kernel"],
                g["block_0"]["mixer"]["k_proj"]["kernel"]):
