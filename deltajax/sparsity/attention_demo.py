@@ -173,7 +173,7 @@ def run(args) -> dict:
         print(f"seed {seed} {variant:<12} loss {ev['loss']:.4f} acc {ev['accuracy']:.4f} "
               f"kept_keys {mean_of(ev, 'kept_keys')} attn density {mean_of(ev, 'mixer/density')} "
               f"ffn density {mean_of(ev, 'mlp/sparsity/density')} [{secs:.0f}s]", flush=True)
-        if variant != "dense":
+        if variant != "dense" or not args.delta:
           continue
         decoded = False
         for window in DELTA_WINDOWS:
@@ -253,6 +253,8 @@ def main(argv=None):
   p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
   p.add_argument("--steps", type=int, default=None, help="override the presets' 600 steps")
   p.add_argument("--docs", type=int, default=800, help="generated documents (text)")
+  p.add_argument("--no-delta", dest="delta", action="store_false",
+                 help="skip the delta-attention evaluation of the dense models")
   p.add_argument("--out", default="", help="write all numbers as JSON here")
   p.add_argument("--summarize", nargs="+", metavar="JSON",
                  help="print the tables of earlier --out files (merged) instead of running")
