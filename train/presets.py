@@ -80,6 +80,65 @@ PRESETS: dict[str, Preset] = {
         DataConfig(task="text", seq_len=256, batch_size=16),
         OptimConfig(lr=2e-3, warmup_steps=100),
         RunConfig(steps=2000, eval_every=500, log_every=50, checkpoint_every=500)),
+    # Sparse attention and the Spark FFN (issue 15; results: `python -m
+    # deltajax.sparsity.attention_demo`). A DeltaNet + softmax-attention hybrid with a plain
+    # GELU MLP, so the Spark FFN has the dense MLP's parameter count.
+    "mqar_hybrid": Preset(
+        "MQAR, hybrid DeltaNet + softmax attention (GELU MLP): the dense baseline of the sparse "
+        "attention presets; evaluate its checkpoint with temporal-delta attention "
+        "(--model.attn_sparsity=delta_attn:threshold=0.01,window=8; inference only)",
+        dict(d_model=64, num_layers=2, num_heads=2, pattern=("deltanet", "attn"),
+             mlp_activation="gelu"),
+        DataConfig(task="mqar", seq_len=64, vocab_size=64, num_kv_pairs=8, batch_size=32),
+        OptimConfig(lr=3e-3, warmup_steps=50),
+        RunConfig(steps=600, eval_every=200, log_every=20, checkpoint_every=200)),
+    "mqar_topk_attn": Preset(
+        "mqar_hybrid with top-k attention: each query attends to its 16 highest-scoring keys "
+        "(exact top-k); kept keys per query logged as metrics/*kept_keys",
+        dict(d_model=64, num_layers=2, num_heads=2, pattern=("deltanet", "attn"),
+             mlp_activation="gelu", attn_sparsity="topk:k=16"),
+        DataConfig(task="mqar", seq_len=64, vocab_size=64, num_kv_pairs=8, batch_size=32),
+        OptimConfig(lr=3e-3, warmup_steps=50),
+        RunConfig(steps=600, eval_every=200, log_every=20, checkpoint_every=200)),
+    "mqar_spark": Preset(
+        "mqar_hybrid with Spark Transformer's predictors: 16 of 32 head dims select 16 keys "
+        "per query (statistical top-k), 32 of 64 input dims select 8% of the FFN neurons "
+        "(statistical soft top-k); same parameter count as mqar_hybrid",
+        dict(d_model=64, num_layers=2, num_heads=2, pattern=("deltanet", "attn"),
+             mlp_activation="gelu", attn_sparsity="topk:k=16,method=statistical",
+             attn_predictor_dim=16, mlp_sparsity="topk:k=0.08,method=statistical,soft=true",
+             mlp_predictor_dim=32),
+        DataConfig(task="mqar", seq_len=64, vocab_size=64, num_kv_pairs=8, batch_size=32),
+        OptimConfig(lr=3e-3, warmup_steps=50),
+        RunConfig(steps=600, eval_every=200, log_every=20, checkpoint_every=200)),
+    "text_hybrid": Preset(
+        "byte-level text (set --data.text_source), small DeltaNet + softmax attention hybrid "
+        "(GELU MLP), 128-byte rows: the dense baseline for sparse and delta attention",
+        dict(d_model=64, num_layers=2, num_heads=2, pattern=("deltanet", "attn"),
+             mlp_activation="gelu"),
+        DataConfig(task="text", seq_len=128, batch_size=16),
+        OptimConfig(lr=3e-3, warmup_steps=50),
+        RunConfig(steps=600, eval_every=200, log_every=20, checkpoint_every=200,
+                  eval_batches=8)),
+    "text_topk_attn": Preset(
+        "text_hybrid with top-k attention, 16 keys per query (exact top-k)",
+        dict(d_model=64, num_layers=2, num_heads=2, pattern=("deltanet", "attn"),
+             mlp_activation="gelu", attn_sparsity="topk:k=16"),
+        DataConfig(task="text", seq_len=128, batch_size=16),
+        OptimConfig(lr=3e-3, warmup_steps=50),
+        RunConfig(steps=600, eval_every=200, log_every=20, checkpoint_every=200,
+                  eval_batches=8)),
+    "text_spark": Preset(
+        "text_hybrid with Spark Transformer's predictors in attention (16 keys) and FFN (8% "
+        "of neurons), statistical top-k; same parameter count as text_hybrid",
+        dict(d_model=64, num_layers=2, num_heads=2, pattern=("deltanet", "attn"),
+             mlp_activation="gelu", attn_sparsity="topk:k=16,method=statistical",
+             attn_predictor_dim=16, mlp_sparsity="topk:k=0.08,method=statistical,soft=true",
+             mlp_predictor_dim=32),
+        DataConfig(task="text", seq_len=128, batch_size=16),
+        OptimConfig(lr=3e-3, warmup_steps=50),
+        RunConfig(steps=600, eval_every=200, log_every=20, checkpoint_every=200,
+                  eval_batches=8)),
 }
 DEFAULT_PRESET = "mqar"
 

@@ -34,6 +34,11 @@ class LMConfig:
   num_layers. head_dim defaults to d_model // num_heads (attention layers use the same heads).
   mlp_sparsity: None, a deltajax.sparsity config (TopKConfig / DeltaConfig) or a linen module
   / callable applied to the MLP hidden activations.
+  mlp_predictor_dim: Spark FFN: this many input dimensions predict (through mlp_sparsity)
+  which neurons to compute (layers.MLP; needs a non-gated mlp_activation).
+  attn_sparsity: "attn" layers' sparsity: None, a TopKConfig (k keys per query), a
+  DeltaAttentionConfig (inference only), or their deltajax.sparsity.parse_spec string.
+  attn_predictor_dim: Spark attention: this many head dimensions select the top-k keys.
   impl, kernel_config: the delta-rule ops' implementation and Pallas kernel config
   (deltajax.ops, deltajax.kernels.KernelConfig).
   remat: recompute each block's activations in the backward pass (jax.checkpoint) to save
@@ -65,6 +70,9 @@ class LMConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   mlp_sparsity: Any = None
+  mlp_predictor_dim: int | None = None
+  attn_sparsity: Any = None
+  attn_predictor_dim: int | None = None
   kda_lower_bound: float | None = None
   rope_theta: float = 10000.0
   norm_eps: float = 1e-5

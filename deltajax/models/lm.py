@@ -27,7 +27,8 @@ def make_mixer(config: LMConfig, mixer: str, **module_kw) -> nn.Module:
   if mixer == "attn":
     return layers.Attention(config.d_model, config.num_heads, config.head_dim,
                             window=config.window, rope_theta=config.rope_theta,
-                            cp_axis=config.cp_axis, **kw)
+                            cp_axis=config.cp_axis, sparsity=config.attn_sparsity,
+                            predictor_dim=config.attn_predictor_dim, **kw)
   kw.update(head_dim=config.head_dim, num_v_heads=config.num_v_heads, expand_v=config.expand_v,
             conv_size=config.conv_size, use_short_conv=config.use_short_conv,
             allow_neg_eigval=config.allow_neg_eigval, norm_eps=config.norm_eps,
@@ -68,7 +69,8 @@ class Block(nn.Module):
     x = x + h
     h = layers.RMSNorm(c.norm_eps, name="mlp_norm", **kw)(x)
     h = layers.MLP(c.resolved_mlp_hidden, c.mlp_activation, sparsity=_sparsity(c.mlp_sparsity),
-                   out_init_scale=out_init_scale(c), name="mlp", **kw)(h)
+                   predictor_dim=c.mlp_predictor_dim, out_init_scale=out_init_scale(c),
+                   name="mlp", **kw)(h)
     return x + h, cache
 
 

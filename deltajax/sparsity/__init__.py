@@ -11,6 +11,7 @@ from deltajax.sparsity.delta_activation import delta_metrics
 from deltajax.sparsity.delta_activation import quantize
 from deltajax.sparsity.delta_activation import temporal_delta
 from deltajax.sparsity.delta_activation import threshold_delta
+from deltajax.sparsity.delta_attention import DeltaAttentionConfig
 from deltajax.sparsity.metrics import delta_density
 from deltajax.sparsity.metrics import dense_macs
 from deltajax.sparsity.metrics import density
@@ -43,8 +44,9 @@ def as_module(spec):
 
 
 __all__ = [
-    "DeltaActivation", "DeltaConfig", "TopK", "TopKConfig", "accumulate", "as_module",
-    "delta_density", "delta_l1", "delta_metrics", "dense_macs", "density", "effective_macs",
-    "fatrelu", "l1_penalty", "nonzero_count", "parse_spec", "prosparse_l1_schedule", "quantize",
-    "statistical_threshold", "temporal_delta", "threshold_delta", "topk", "topk_mask",
+    "DeltaActivation", "DeltaAttentionConfig", "DeltaConfig", "TopK", "TopKConfig",
+    "accumulate", "as_module", "delta_density", "delta_l1", "delta_metrics", "dense_macs",
+    "density", "effective_macs", "fatrelu", "l1_penalty", "nonzero_count", "parse_spec",
+    "prosparse_l1_schedule", "quantize", "statistical_threshold", "temporal_delta",
+    "threshold_delta", "topk", "topk_mask",
 ]

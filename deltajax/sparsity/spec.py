@@ -3,6 +3,7 @@
   "topk"                                 TopKConfig()
   "topk:k=0.1,method=statistical,soft=true"
   "delta:mode=threshold,threshold=0.05"  DeltaConfig(...)
+  "delta_attn:threshold=0.01,window=16"  DeltaAttentionConfig(...) (attention only)
   "none" or ""                           None
 Values are parsed by the field's default type (int/float fields accept both, as k does).
 """
@@ -11,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 
 from deltajax.sparsity.delta_activation import DeltaConfig
+from deltajax.sparsity.delta_attention import DeltaAttentionConfig
 from deltajax.sparsity.topk import TopKConfig
 
-KINDS = {"topk": TopKConfig, "delta": DeltaConfig}
+KINDS = {"topk": TopKConfig, "delta": DeltaConfig, "delta_attn": DeltaAttentionConfig}
 
 
 def _value(text: str):
@@ -29,7 +31,7 @@ def _value(text: str):
 
 
 def parse_spec(spec: str | None):
-  """TopKConfig / DeltaConfig / None from a string (see the module doc)."""
+  """TopKConfig / DeltaConfig / DeltaAttentionConfig / None from a string (module doc)."""
   if spec is None or spec.strip().lower() in ("", "none"):
     return None
   kind, _, rest = spec.partition(":")

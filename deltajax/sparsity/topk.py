@@ -84,34 +84,57 @@ def _index_mask(idx, d: int):
   return mask.reshape(*lead, d)
 
 
-def statistical_threshold(x, k: int | float):
-  """mean + std * Phi^-1(1 - k/d) per token, float32 [..., 1]; -inf when k = d (keep all)."""
+def statistical_threshold(x, k: int | float, *, where=None):
+  """mean + std * Phi^-1(1 - k/d) per token, float32 [..., 1]; -inf when k >= d (keep all).
+
+  where: optional bool [..., d] (broadcastable): only these entries count, so d, the mean and
+  the std are per token over them (attention rows, whose causal prefix grows with the query).
+  """
   d = _check_x(x)
   kk = checks.resolve_k(k, d)
   xf = x.astype(jnp.float32)
-  if kk == d:
-    return jnp.full(xf.shape[:-1] + (1,), -jnp.inf, jnp.float32)
-  mean = jnp.mean(xf, axis=-1, keepdims=True)
-  std = jnp.std(xf, axis=-1, keepdims=True)
-  return mean + std * ndtri(jnp.float32(1.0 - kk / d))
+  if where is None:
+    if kk == d:
+      return jnp.full(xf.shape[:-1] + (1,), -jnp.inf, jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    std = jnp.std(xf, axis=-1, keepdims=True)
+    return mean + std * ndtri(jnp.float32(1.0 - kk / d))
+  where = jnp.broadcast_to(where, xf.shape)
+  n = jnp.sum(where, axis=-1, keepdims=True, dtype=jnp.float32)
+  safe_n = jnp.maximum(n, 1.0)
+  mean = jnp.sum(jnp.where(where, xf, 0.0), axis=-1, keepdims=True) / safe_n
+  var = jnp.sum(jnp.where(where, jnp.square(xf - mean), 0.0), axis=-1, keepdims=True) / safe_n
+  # Rows with at most k entries keep them all; 0.5 keeps ndtri finite on the branch not taken.
+  z = ndtri(jnp.where(n > kk, 1.0 - kk / safe_n, 0.5))
+  return jnp.where(n > kk, mean + jnp.sqrt(var) * z, -jnp.inf)
 
 
 def topk_mask(x, k: int | float = 0.1, *, method: str = "exact", threshold: float = 0.0,
-              recall_target: float = 0.95):
-  """Boolean mask [..., d] of the entries to keep in x [..., d] (no gradient)."""
+              recall_target: float = 0.95, where=None):
+  """Boolean mask [..., d] of the entries to keep in x [..., d] (no gradient).
+
+  where: optional bool [..., d] (broadcastable): entries outside it are never kept, and the
+  k largest are taken among the rest (all of them when fewer than k), e.g. the causal keys of
+  an attention row.
+  """
   checks.check_choice("method", method, METHODS)
   d = _check_x(x)
-  if method == "fatrelu":
-    return x > threshold
-  kk = checks.resolve_k(k, d)
   x = lax.stop_gradient(x)
-  if method == "exact":
-    _, idx = lax.top_k(x, kk)
-    return _index_mask(idx, d)
-  if method == "approx":
-    _, idx = lax.approx_max_k(x, kk, recall_target=recall_target)
-    return _index_mask(idx, d)
-  return x.astype(jnp.float32) > statistical_threshold(x, kk)
+  if method == "fatrelu":
+    mask = x > threshold
+  elif method == "statistical":
+    kk = checks.resolve_k(k, d)
+    mask = x.astype(jnp.float32) > statistical_threshold(x, kk, where=where)
+  else:
+    kk = checks.resolve_k(k, d)
+    if where is not None:
+      x = jnp.where(where, x, -jnp.inf)
+    if method == "exact":
+      _, idx = lax.top_k(x, kk)
+    else:
+      _, idx = lax.approx_max_k(x, kk, recall_target=recall_target)
+    mask = _index_mask(idx, d)
+  return mask if where is None else mask & where
 
 
 def topk(x, config: TopKConfig = TopKConfig()):
