@@ -10,19 +10,18 @@ Pallas interpreters stay affordable; a subclass may narrow `low_precision_ops` o
 
 A Pallas interpreter takes tens of seconds per case on a 2-core CI machine, so a kernel
 backend's subclass may name the cases it runs on every CI run (`ci_cases`); the rest run with
-DELTAJAX_ALL_KERNEL_TESTS=1 (before a kernel change lands, and on a machine with cores to spare).
+DELTAJAX_SLOW_TESTS=1 (after a kernel change, on a machine with cores to spare).
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import OPS, TOL, assert_close, make_inputs
+from conftest import OPS, TOL, assert_close, make_inputs, skip_unless_slow
 from oracle import oracle
 
 GATE = {"delta_rule": None, "gated_delta_rule": "head", "kda": "channel",
@@ -88,12 +87,8 @@ class OpTestBase:
 
   @pytest.fixture(autouse=True)
   def _only_ci_cases(self, request):
-    name = request.node.name
-    if (self.ci_cases is not None and name not in self.ci_cases
-        and not os.environ.get("DELTAJAX_ALL_KERNEL_TESTS")):
-      pytest.skip(reason=f"{type(self).__name__} runs {name} only with "
-                  f"DELTAJAX_ALL_KERNEL_TESTS=1 (its interpreter is slow); on every CI run it "
-                  f"checks {', '.join(sorted(self.ci_cases))}")
+    if self.ci_cases is not None and request.node.name not in self.ci_cases:
+      skip_unless_slow(f"{type(self).__name__}: its interpreter is slow; CI runs ci_cases")
 
   def call(self, op, args, h0, **kw):
     """o, final and every gradient of `op` under jit with this implementation."""

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from conftest import SLOW_TESTS
 from deltajax import layers, ops
 from deltajax.models import LMConfig
 
@@ -101,7 +102,7 @@ def test_training_with_the_sequence_split_composes_with_data_and_fsdp():
   _same_training(r, r["eight"], r["eval_eight"])
 
 
-@pytest.mark.skipif(not os.environ.get("DELTAJAX_SLOW_TESTS"),
+@pytest.mark.skipif(not SLOW_TESTS,
                     reason="2 training processes (~1 min of CPU); set DELTAJAX_SLOW_TESTS=1")
 def test_two_processes_with_the_sequence_split_across_them_train_like_one(tmp_path):
   """2 processes (jax.distributed on localhost, 4 CPU devices each) train with

@@ -14,28 +14,21 @@ callback, so a forward+backward through the seven kernels costs seconds even on 
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from op_test_base import OpTestBase
 
-from conftest import OPS, rel_rms
+from conftest import OPS, rel_rms, skip_unless_slow
 from deltajax.kernels import GpuOptions, KernelConfig
 from deltajax.kernels.gpu import gates, output, prepare, prepare_backward, reference, state
 from deltajax.kernels.gpu.spec import Spec
 
-SLOW = os.environ.get("DELTAJAX_SLOW_TESTS") == "1"
-
-
 def narrowed(why: str) -> None:
   """Skips a case in CI, saying why that is safe; with DELTAJAX_SLOW_TESTS=1 the caller goes
   on (a narrowed shared-base case then runs as the base has it)."""
-  if not SLOW:
-    pytest.skip(reason=f"Mosaic GPU interpreter, narrowed for CI: {why} "
-                       f"(DELTAJAX_SLOW_TESTS=1 runs it)")
+  skip_unless_slow(f"Mosaic GPU interpreter, narrowed for CI: {why}")
 
 
 class TestMosaicGPU(OpTestBase):
