@@ -75,6 +75,25 @@ def side_copies(spec: Spec, refs, s: dict, b, h, t0) -> list:
   return out
 
 
+def load_keys(spec: Spec, chip: mg.Chip, k_ref, beta_ref, side, s: dict, b, h, t0):
+  """Copies a chunk's k (its q/k head by index), beta and side inputs into SMEM, puts k
+  (L2-normalised if asked) into the operand tile s["k_op"], and returns beta as rows.
+
+  k's input tile lives in a scope of its own, so the SMEM it took is free for what follows.
+  """
+  rows = pl.ds(t0, spec.C)
+
+  def load(k_in, bar):
+    copies = [(k_ref.at[b, rows, h // spec.G], k_in), (beta_ref.at[b, h, rows], s["beta"])]
+    mg.copy_in(copies + side_copies(spec, side, s, b, h, t0), bar)
+    mg.wait(bar)
+    chip.put(normalize(chip, chip.load(k_in), spec.l2norm)[0], mg.Operand(s["k_op"]))
+
+  mg.scoped(load, k_in=mg.tile((spec.C, spec.K), spec.in_dtype),
+            bar=mg.barriers(2 + side_count(spec))[0])
+  return chip.rows(s["beta"])
+
+
 def chunk_gates(spec: Spec, chip: mg.Chip, s: dict, scratch=None) -> ChunkGates:
   """The loaded gates and segments as a `ChunkGates` (after the copies landed)."""
   cg = ChunkGates(chip=chip, kind=spec.gate, C=spec.C, scratch=scratch)

@@ -46,14 +46,7 @@ def _kernel(spec: Spec, interpret: bool, k_ref, v_ref, beta_ref, *refs, **s):
   rows = pl.ds(t0, C)
   k_op = mg.Operand(s["k_op"])
 
-  def load(k_in, bar):
-    copies = [(k_ref.at[b, rows, h // spec.G], k_in), (beta_ref.at[b, h, rows], s["beta"])]
-    mg.copy_in(copies + io.side_copies(spec, side, s, b, h, t0), bar)
-    mg.wait(bar)
-    chip.put(io.normalize(chip, chip.load(k_in), spec.l2norm)[0], k_op)
-
-  mg.scoped(load, k_in=mg.tile((C, K), spec.in_dtype), bar=mg.barriers(2 + ns)[0])
-  beta = chip.rows(s["beta"])
+  beta = io.load_keys(spec, chip, k_ref, beta_ref, side, s, b, h, t0)
 
   def scores(ga=None, gb=None):
     scratch = None if ga is None else (mg.Operand(ga), mg.Operand(gb), None)
