@@ -1,6 +1,7 @@
 """Shared test helpers: tolerances, the relative RMS error, and random inputs for every op."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -17,6 +18,31 @@ def skip_unless_slow(why: str) -> None:
   """Skips the calling test on CI runs, saying why that is safe."""
   if not SLOW_TESTS:
     pytest.skip(reason=f"{why} (DELTAJAX_SLOW_TESTS=1 runs it)")
+
+
+@contextlib.contextmanager
+def fast_compile_mode():
+  """XLA's fast-compile mode (its optimisation passes dominate tiny tests' time).
+
+  The flag is not part of jit's cache key, so the caches are cleared on the way in and out: no
+  executable compiled without optimisations outlives the block (one that did made a later
+  in-process run differ in the last bits from the same run in a fresh process).
+  """
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.clear_caches()
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", old)
+    jax.clear_caches()
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+  """fast_compile_mode for a whole module: `pytestmark = pytest.mark.usefixtures(...)`."""
+  with fast_compile_mode():
+    yield
 
 
 # DESIGN.md: paths agree to 1e-5 in float32 and 1e-2 with bfloat16 (or float16) inputs.

@@ -8,8 +8,9 @@ import json
 import os
 import traceback
 
-import jax
 import pytest
+
+from conftest import fast_compile_mode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLABS = os.path.join(REPO, "colabs")
@@ -76,10 +77,8 @@ def small_run(monkeypatch):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+  with fast_compile_mode():
+    yield
   plt.close("all")
 
 

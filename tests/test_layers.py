@@ -36,14 +36,7 @@ MIXERS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """XLA's optimisation passes dominate these tiny tests' time (2-3x); numerics are unchanged
-  in kind (float32, HIGHEST precision). Restored after this module."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _x(T, seed=0, b=B):

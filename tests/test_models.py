@@ -17,13 +17,7 @@ BASE = dict(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=2, chunk_size=
             mlp_hidden=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """XLA's optimisation passes dominate these tiny tests' time; restored after this module."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _tokens(B, T, seed=0):

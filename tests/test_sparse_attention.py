@@ -21,13 +21,7 @@ D, H, B, T = 32, 2, 2, 24
 DH = D // H
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  """XLA's optimisation passes dominate these tiny tests' time; restored after this module."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _x(T=T, seed=0):
